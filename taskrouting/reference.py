@@ -1,0 +1,64 @@
+"""Pure-PyTorch BatchNorm + ReLU + route: the ground truth every kernel is tested against.
+
+All backends share one interface: ``route`` is the bool mask already selected for the batch,
+``[C]`` (one task per batch) or ``[N, C]`` (a task per sample). ``momentum`` is the factor of
+the running-stat update (the module turns ``momentum=None`` into the cumulative average).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["bn_relu_route_reference", "route_view", "update_running_stats", "unbiased_var"]
+
+
+def route_view(route: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``route`` shaped to broadcast against ``x`` ([N or 1, C, 1, ...]), in x's dtype."""
+    lead = route.shape[0] if route.dim() == 2 else 1
+    return route.reshape((lead, x.shape[1]) + (1,) * (x.dim() - 2)).to(x.dtype)
+
+
+def unbiased_var(var: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Bessel-corrected variance; a channel with a single value keeps its biased variance (0)."""
+    return var * (count / (count - 1).clamp_min(1))
+
+
+def update_running_stats(running_mean, running_var, mean, var, count, momentum: float) -> None:
+    """nn.BatchNorm's update, ``r = (1 - m) r + m stat``, skipping channels that saw no value."""
+    with torch.no_grad():
+        seen = count > 0
+        new_mean = running_mean * (1 - momentum) + mean.to(running_mean.dtype) * momentum
+        new_var = running_var * (1 - momentum) + unbiased_var(var, count).to(running_var.dtype) * momentum
+        running_mean.copy_(torch.where(seen, new_mean, running_mean))
+        running_var.copy_(torch.where(seen, new_var, running_var))
+
+
+def _routed_batch_norm(x, route, weight, bias, running_mean, running_var, momentum, eps):
+    """Batch norm whose per-channel statistics use only the samples routed through the channel."""
+    r = route_view(route, x).float()
+    dims = [0] + list(range(2, x.dim()))
+    xf = x.float()
+    count = (r.expand_as(xf)).sum(dims)
+    safe = count.clamp_min(1)
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    mean = (xf * r).sum(dims) / safe
+    centered = xf - mean.view(shape)
+    var = (centered.square() * r).sum(dims) / safe
+    xhat = centered * torch.rsqrt(var + eps).view(shape)
+    if weight is not None:
+        xhat = xhat * weight.float().view(shape)
+    if bias is not None:
+        xhat = xhat + bias.float().view(shape)
+    if running_mean is not None:
+        update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count, momentum)
+    return xhat.to(x.dtype)
+
+
+def bn_relu_route_reference(x, route, weight=None, bias=None, running_mean=None, running_var=None,
+                            training=True, momentum=0.1, eps=1e-5, routed_stats=False):
+    """``relu(batch_norm(x)) * route``; updates the running stats in place when training."""
+    if training and routed_stats:
+        y = _routed_batch_norm(x, route, weight, bias, running_mean, running_var, momentum, eps)
+    else:
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    return F.relu(y) * route_view(route, x)
