@@ -13,6 +13,7 @@ multi-process all-reduce of the per-channel sums would go.
 """
 from __future__ import annotations
 
+import importlib.util
 import numbers
 import os
 from dataclasses import dataclass
@@ -139,11 +140,26 @@ for _prefix in FAMILIES.values():
     _define_family(_prefix)
 
 _extension.load()  # the compiled kernels register themselves against the schemas above
+# Looked up once: dispatcher queries are not traceable by torch.compile.
+NATIVE_KERNELS = {device_type: _extension.has_kernel("bn_relu_route", torch.device(device_type))
+                  for device_type in ("cpu", "cuda")}
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def family_op(family: str, name: str):
     """The OpOverload ``taskrouting::<prefix><name>`` of a backend family."""
+    if family == "triton" and not _TRITON_KERNELS:
+        load_triton_kernels()
     return getattr(torch.ops.taskrouting, FAMILIES[family] + name).default
+
+
+_TRITON_KERNELS: list = []
+
+
+def load_triton_kernels():
+    """Import the Triton kernels (registers the triton_ ops' implementations) on first use."""
+    from . import triton_bn_relu_route
+    _TRITON_KERNELS.append(triton_bn_relu_route)
 
 
 # ----------------------------------------------------------------------------- backends
@@ -156,7 +172,7 @@ class Backend:
 
 
 def _native_available(device: torch.device) -> bool:
-    return _extension.loaded() and _extension.has_kernel("bn_relu_route", device)
+    return NATIVE_KERNELS.get(device.type, False)
 
 
 def _native_why_not(kind: str) -> Callable[[torch.device], str]:
@@ -174,13 +190,7 @@ def triton_interpreted() -> bool:
 
 
 def _triton_available(device: torch.device) -> bool:
-    if device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
-        return False
-    try:
-        from . import triton_bn_relu_route  # noqa: F401  (registers the triton_ kernels)
-    except ImportError:
-        return False
-    return _extension.has_kernel("triton_bn_relu_route", device)
+    return TRITON_INSTALLED and (device.type == "cuda" or (device.type == "cpu" and triton_interpreted()))
 
 
 def _triton_why_not(device):
@@ -188,11 +198,7 @@ def _triton_why_not(device):
         return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
     if device.type not in ("cpu", "cuda"):
         return f"it runs on cuda tensors, not {device.type}"
-    try:
-        from . import triton_bn_relu_route  # noqa: F401
-    except ImportError as exc:
-        return f"triton could not be imported ({exc})"
-    return "no Triton kernel is registered for this device"
+    return "triton is not installed"
 
 
 BACKENDS: dict[str, Backend] = {

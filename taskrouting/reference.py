@@ -35,9 +35,9 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum: 
 
 def _routed_batch_norm(x, route, weight, bias, running_mean, running_var, momentum, eps):
     """Batch norm whose per-channel statistics use only the samples routed through the channel."""
-    r = route_view(route, x).float()
+    xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    r = route_view(route, xf)
     dims = [0] + list(range(2, x.dim()))
-    xf = x.float()
     count = (r.expand_as(xf)).sum(dims)
     safe = count.clamp_min(1)
     shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
@@ -46,12 +46,29 @@ def _routed_batch_norm(x, route, weight, bias, running_mean, running_var, moment
     var = (centered.square() * r).sum(dims) / safe
     xhat = centered * torch.rsqrt(var + eps).view(shape)
     if weight is not None:
-        xhat = xhat * weight.float().view(shape)
+        xhat = xhat * weight.to(xf.dtype).view(shape)
     if bias is not None:
-        xhat = xhat + bias.float().view(shape)
+        xhat = xhat + bias.to(xf.dtype).view(shape)
     if running_mean is not None:
         update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count, momentum)
     return xhat.to(x.dtype)
+
+
+def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps):
+    """F.batch_norm for any mix of floating dtypes (it takes only x's dtype, or float32 for half x)."""
+    params = [t for t in (running_mean, running_var, weight, bias) if t is not None]
+    reduced = x.dtype in (torch.float16, torch.bfloat16)
+    if all(t.dtype == x.dtype or (reduced and t.dtype == torch.float32) for t in params):
+        return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cast = (lambda t: None if t is None else t.to(acc))
+    rm, rv = cast(running_mean), cast(running_var)
+    y = F.batch_norm(x.to(acc), rm, rv, cast(weight), cast(bias), training, momentum, eps)
+    if training and running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(rm)
+            running_var.copy_(rv)
+    return y.to(x.dtype)
 
 
 def bn_relu_route_reference(x, route, weight=None, bias=None, running_mean=None, running_var=None,
@@ -60,5 +77,5 @@ def bn_relu_route_reference(x, route, weight=None, bias=None, running_mean=None,
     if training and routed_stats:
         y = _routed_batch_norm(x, route, weight, bias, running_mean, running_var, momentum, eps)
     else:
-        y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        y = _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     return F.relu(y) * route_view(route, x)

@@ -1,0 +1,77 @@
+// Host-side argument checks and preparation shared by the CPU and CUDA kernels, so that a direct
+// call of torch.ops.taskrouting.* with bad arguments raises a clear error instead of reading out
+// of bounds.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+namespace taskrouting {
+
+inline at::ScalarType acc_type_of(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_input(const at::Tensor& x, const char* name = "x") {
+  TORCH_CHECK_VALUE(x.dim() >= 2 && x.dim() <= 5, name, " must have 2 to 5 dims [N, C, *], got ",
+                    x.sizes());
+  const auto t = x.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble,
+                   name, " must be float32, float16, bfloat16 or float64, got ", t);
+}
+
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), " but x is on ",
+                    x.device());
+}
+
+inline void check_route(const at::Tensor& route, const at::Tensor& x) {
+  check_same_device(route, "route", x);
+  TORCH_CHECK_TYPE(route.scalar_type() == at::kBool, "route must be a bool tensor, got ",
+                   route.scalar_type());
+  const bool per_batch = route.dim() == 1 && route.size(0) == x.size(1);
+  const bool per_sample = route.dim() == 2 && route.size(0) == x.size(0) && route.size(1) == x.size(1);
+  TORCH_CHECK_VALUE(per_batch || per_sample, "route must have shape [C] or [N, C] = [", x.size(0),
+                    ", ", x.size(1), "], got ", route.sizes());
+}
+
+// A per-channel vector ([C]) as a contiguous tensor of x's accumulation type.
+inline at::Tensor per_channel(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  check_same_device(t, name, x);
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == x.size(1), name, " must have shape [", x.size(1),
+                    "], got ", t.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name, " must be a floating tensor, got ",
+                   t.scalar_type());
+  return t.to(acc_type_of(x)).contiguous();
+}
+
+// weight/bias may be absent (affine=False): then 1 and 0.
+inline at::Tensor per_channel_or(const c10::optional<at::Tensor>& t, const char* name,
+                                 const at::Tensor& x, double fill) {
+  if (t.has_value() && t->defined()) return per_channel(*t, name, x);
+  return at::full({x.size(1)}, fill, x.options().dtype(acc_type_of(x)));
+}
+
+// x's memory format: channels-last tensors are processed as rows of C contiguous values.
+inline at::MemoryFormat layout_of(const at::Tensor& x) {
+  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous())
+    return at::MemoryFormat::ChannelsLast;
+  if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d) && !x.is_contiguous())
+    return at::MemoryFormat::ChannelsLast3d;
+  return at::MemoryFormat::Contiguous;
+}
+
+inline bool is_rows_layout(const at::Tensor& x) {
+  return x.dim() == 2 || layout_of(x) != at::MemoryFormat::Contiguous;
+}
+
+// Product of the spatial dims (H*W, L, D*H*W; 1 for [N, C]).
+inline int64_t spatial_size(const at::Tensor& x) {
+  int64_t s = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) s *= x.size(d);
+  return s;
+}
+
+inline at::Tensor empty_grad(const at::Tensor& x) { return at::empty({0}, x.options()); }
+
+}  // namespace taskrouting

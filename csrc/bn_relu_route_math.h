@@ -1,0 +1,96 @@
+// Per-channel math of the fused BatchNorm + ReLU + route op, shared by the CPU and CUDA kernels.
+// Everything here is plain arithmetic on the accumulation type (float, or double for float64).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define TR_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define TR_HOST_DEVICE inline
+#endif
+
+namespace taskrouting {
+
+// Running (count, mean, M2) of a set of values; M2 = sum of squared deviations from the mean.
+template <typename acc_t>
+struct Welford {
+  acc_t mean = 0;
+  acc_t m2 = 0;
+  acc_t count = 0;
+};
+
+// Chan et al.'s parallel merge: exact for any split of the values, stable in fp32.
+template <typename acc_t>
+TR_HOST_DEVICE void welford_merge(Welford<acc_t>& a, acc_t mean_b, acc_t m2_b, acc_t count_b) {
+  if (count_b == 0) return;
+  const acc_t count = a.count + count_b;
+  const acc_t delta = mean_b - a.mean;
+  const acc_t frac_b = count_b / count;
+  a.mean += delta * frac_b;
+  a.m2 += m2_b + delta * delta * a.count * frac_b;
+  a.count = count;
+}
+
+template <typename acc_t>
+TR_HOST_DEVICE acc_t biased_var(const Welford<acc_t>& w) {
+  return w.count > 0 ? w.m2 / w.count : acc_t(0);
+}
+
+template <typename acc_t>
+TR_HOST_DEVICE acc_t inv_std(acc_t var, double eps) {
+  return acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
+}
+
+// Normalisation and affine folded into y_pre = x * scale + shift.
+template <typename acc_t>
+struct ScaleShift {
+  acc_t scale;
+  acc_t shift;
+};
+
+template <typename acc_t>
+TR_HOST_DEVICE ScaleShift<acc_t> scale_shift(acc_t mean, acc_t invstd, acc_t weight, acc_t bias) {
+  const acc_t scale = invstd * weight;
+  return {scale, bias - mean * scale};
+}
+
+template <typename acc_t>
+TR_HOST_DEVICE acc_t relu_affine(acc_t x, ScaleShift<acc_t> s) {
+  const acc_t v = x * s.scale + s.shift;
+  return v > acc_t(0) ? v : acc_t(0);
+}
+
+// grad_x = g * dy_coef + x * x_coef + bias_coef, where g = dy * route * (y_pre > 0).
+// Train: grad_x = w*invstd * (g - sum_dy/M - (x - mean) * invstd^2 * sum_dy_xmu / M).
+// Eval:  grad_x = w*invstd * g.
+template <typename acc_t>
+struct GradCoef {
+  acc_t dy_coef;
+  acc_t x_coef;
+  acc_t bias_coef;
+};
+
+template <typename acc_t>
+TR_HOST_DEVICE GradCoef<acc_t> grad_coef(acc_t mean, acc_t invstd, acc_t weight, acc_t sum_dy,
+                                         acc_t sum_dy_xmu, acc_t count, bool training) {
+  const acc_t k = weight * invstd;
+  if (!training || count <= 0) return {k, acc_t(0), acc_t(0)};
+  const acc_t inv_count = acc_t(1) / count;
+  const acc_t x_coef = -k * invstd * invstd * sum_dy_xmu * inv_count;
+  return {k, x_coef, -k * sum_dy * inv_count - x_coef * mean};
+}
+
+// Whether sample n goes through channel c: route is [C] (one task per batch) or [N, C].
+struct Route {
+  const bool* mask;
+  int64_t channels;
+  bool per_sample;
+
+  TR_HOST_DEVICE bool at(int64_t n, int64_t c) const {
+    return mask[per_sample ? n * channels + c : c];
+  }
+};
+
+}  // namespace taskrouting

@@ -1,0 +1,685 @@
+// CPU kernels of the fused BatchNorm + ReLU + route op (schemas: taskrouting/ops.py).
+//
+// Two layouts:
+//  * planes (NCHW-contiguous, rank 3-5): one channel at a time per thread; a channel's N planes
+//    are reduced and then normalised while they are still in cache (one trip to memory).
+//  * rows (channels-last, and [N, C]): x is [N*S, C]; threads take blocks of rows, vectorised
+//    along C, and merge their per-channel partial statistics in a fixed order.
+// Statistics: two-pass (mean, then squared deviations) over blocks that fit in L1, merged with
+// Chan's formula. Channels that no sample of the batch uses are not read in eval or backward.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "../bn_relu_route_checks.h"
+#include "../bn_relu_route_math.h"
+
+namespace taskrouting {
+namespace {
+
+using at::Tensor;
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+constexpr int64_t kBlock = 2048;  // elements per two-pass block (8 KiB of float)
+
+// A block of x as acc_t: float32/float64 data is used in place, reduced types are converted.
+template <typename scalar_t, typename acc_t>
+const acc_t* load_block(const scalar_t* src, int64_t n, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    at::vec::convert(src, buf, n);
+    return buf;
+  }
+}
+
+// Where to compute an output block: in place for float32/float64, else in buf (then stored).
+template <typename scalar_t, typename acc_t>
+acc_t* out_block(scalar_t* dst, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) return dst; else return buf;
+}
+
+template <typename scalar_t, typename acc_t>
+void store_block(const acc_t* buf, scalar_t* dst, int64_t n) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(buf, dst, n);
+}
+
+template <typename T>
+T sum_of(const T* x, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> a0(T(0)), a1(T(0));
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    a0 += Vec<T>::loadu(x + i);
+    a1 += Vec<T>::loadu(x + i + W);
+  }
+  T s = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, a0 + a1);
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
+template <typename T>
+T centered_square_sum(const T* x, int64_t n, T mean) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> m(mean);
+  Vec<T> acc(T(0));
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const Vec<T> d = Vec<T>::loadu(x + i) - m;
+    acc = at::vec::fmadd(d, d, acc);
+  }
+  T s = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
+  for (; i < n; ++i) s += (x[i] - mean) * (x[i] - mean);
+  return s;
+}
+
+template <typename T>
+void relu_affine_into(const T* x, T* y, int64_t n, ScaleShift<T> s) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> scale(s.scale), shift(s.shift), zero(T(0));
+  int64_t i = 0;
+  for (; i + W <= n; i += W)
+    at::vec::clamp_min(at::vec::fmadd(Vec<T>::loadu(x + i), scale, shift), zero).store(y + i);
+  for (; i < n; ++i) y[i] = relu_affine(x[i], s);
+}
+
+// g = dy where the pre-activation is positive; accumulates sum(g) and sum(g * (x - mean)).
+template <typename T>
+void grad_sums(const T* x, const T* dy, int64_t n, ScaleShift<T> s, T mean, T& sum_g, T& sum_gx) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> scale(s.scale), shift(s.shift), zero(T(0)), m(mean);
+  Vec<T> ag(T(0)), agx(T(0));
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const Vec<T> xv = Vec<T>::loadu(x + i);
+    const Vec<T> g = Vec<T>::blendv(zero, Vec<T>::loadu(dy + i), at::vec::fmadd(xv, scale, shift) > zero);
+    ag += g;
+    agx = at::vec::fmadd(g, xv - m, agx);
+  }
+  auto add = [](Vec<T>& a, Vec<T>& b) { return a + b; };
+  T sg = at::vec::vec_reduce_all<T>(add, ag), sgx = at::vec::vec_reduce_all<T>(add, agx);
+  for (; i < n; ++i) {
+    const T g = x[i] * s.scale + s.shift > T(0) ? dy[i] : T(0);
+    sg += g;
+    sgx += g * (x[i] - mean);
+  }
+  sum_g += sg;
+  sum_gx += sgx;
+}
+
+// dx = g * k.dy_coef + x * k.x_coef + k.bias_coef, with g = 0 where the sample is not routed.
+template <typename T>
+void grad_apply(const T* x, const T* dy, T* dx, int64_t n, ScaleShift<T> s, GradCoef<T> k, bool routed) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> scale(s.scale), shift(s.shift), zero(T(0)), kd(k.dy_coef), kx(k.x_coef), kb(k.bias_coef);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const Vec<T> xv = Vec<T>::loadu(x + i);
+    Vec<T> out = at::vec::fmadd(xv, kx, kb);
+    if (routed) {
+      const Vec<T> g = Vec<T>::blendv(zero, Vec<T>::loadu(dy + i), at::vec::fmadd(xv, scale, shift) > zero);
+      out = at::vec::fmadd(g, kd, out);
+    }
+    out.store(dx + i);
+  }
+  for (; i < n; ++i) {
+    const T g = routed && x[i] * s.scale + s.shift > T(0) ? dy[i] : T(0);
+    dx[i] = g * k.dy_coef + x[i] * k.x_coef + k.bias_coef;
+  }
+}
+
+// ---------------------------------------------------------------------------- shared preparation
+struct Shape {
+  int64_t n, c, s;  // samples, channels, spatial size
+};
+
+Shape shape_of(const Tensor& x) { return {x.size(0), x.size(1), spatial_size(x)}; }
+
+Route route_of(const Tensor& route, int64_t channels) {
+  return {route.data_ptr<bool>(), channels, route.dim() == 2};
+}
+
+// used[c]: some sample of the batch goes through channel c.
+std::vector<char> channels_used(Route r, int64_t n, int64_t c) {
+  std::vector<char> used(c, 0);
+  const int64_t rows = r.per_sample ? n : 1;
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < c; ++j) used[j] |= r.mask[i * c + j];
+  return used;
+}
+
+// route as 0/1 in acc_t, [N or 1, C], for vectorised selects along C (rows layout).
+template <typename acc_t>
+std::vector<acc_t> route_values(Route r, int64_t n, int64_t c) {
+  const int64_t rows = r.per_sample ? n : 1;
+  std::vector<acc_t> v(rows * c);
+  for (int64_t i = 0; i < rows * c; ++i) v[i] = r.mask[i] ? acc_t(1) : acc_t(0);
+  return v;
+}
+
+template <typename acc_t>
+struct StatsOut {
+  acc_t* mean;
+  acc_t* var;
+  acc_t* count;
+  acc_t* invstd;  // may be null (channel_stats)
+};
+
+// Which channels get statistics: routed mode, the used ones; batch mode, also all if asked.
+bool wants_stats(bool used, bool routed, bool all_channels) { return used || (!routed && all_channels); }
+
+// ---------------------------------------------------------------------------- planes layout
+template <typename scalar_t, typename acc_t>
+Welford<acc_t> plane_stats(const scalar_t* x, Shape sh, int64_t c, Route r, bool routed, acc_t* buf) {
+  Welford<acc_t> w;
+  for (int64_t n = 0; n < sh.n; ++n) {
+    if (routed && !r.at(n, c)) continue;
+    const scalar_t* p = x + (n * sh.c + c) * sh.s;
+    for (int64_t i = 0; i < sh.s; i += kBlock) {
+      const int64_t len = std::min(kBlock, sh.s - i);
+      const acc_t* b = load_block(p + i, len, buf);
+      const acc_t mean = sum_of(b, len) / acc_t(len);
+      welford_merge(w, mean, centered_square_sum(b, len, mean), acc_t(len));
+    }
+  }
+  return w;
+}
+
+template <typename scalar_t, typename acc_t>
+void plane_apply(const scalar_t* x, scalar_t* y, Shape sh, int64_t c, Route r, bool used,
+                 ScaleShift<acc_t> s, acc_t* buf, acc_t* obuf) {
+  for (int64_t n = 0; n < sh.n; ++n) {
+    const int64_t off = (n * sh.c + c) * sh.s;
+    if (!used || !r.at(n, c)) {
+      std::fill(y + off, y + off + sh.s, scalar_t(0));
+      continue;
+    }
+    for (int64_t i = 0; i < sh.s; i += kBlock) {
+      const int64_t len = std::min(kBlock, sh.s - i);
+      acc_t* o = out_block(y + off + i, obuf);
+      relu_affine_into(load_block(x + off + i, len, buf), o, len, s);
+      store_block(o, y + off + i, len);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void plane_grad_sums(const scalar_t* x, const scalar_t* dy, Shape sh, int64_t c, Route r,
+                     ScaleShift<acc_t> s, acc_t mean, acc_t* sums, acc_t* buf, acc_t* dbuf) {
+  double sg = 0, sgx = 0;  // across blocks in double: millions of terms per channel
+  for (int64_t n = 0; n < sh.n; ++n) {
+    if (!r.at(n, c)) continue;  // g is zero there
+    const int64_t off = (n * sh.c + c) * sh.s;
+    for (int64_t i = 0; i < sh.s; i += kBlock) {
+      const int64_t len = std::min(kBlock, sh.s - i);
+      acc_t bg = 0, bgx = 0;
+      grad_sums(load_block(x + off + i, len, buf), load_block(dy + off + i, len, dbuf), len, s, mean, bg, bgx);
+      sg += bg;
+      sgx += bgx;
+    }
+  }
+  sums[0] = acc_t(sg);
+  sums[1] = acc_t(sgx);
+}
+
+template <typename scalar_t, typename acc_t>
+void plane_grad_apply(const scalar_t* x, const scalar_t* dy, scalar_t* dx, Shape sh, int64_t c,
+                      Route r, bool used, bool needs_x, bool routed_stats, ScaleShift<acc_t> s,
+                      GradCoef<acc_t> k, acc_t* buf, acc_t* dbuf, acc_t* obuf) {
+  for (int64_t n = 0; n < sh.n; ++n) {
+    const int64_t off = (n * sh.c + c) * sh.s;
+    const bool through = used && r.at(n, c);
+    if (!used || (!through && (routed_stats || !needs_x))) {
+      std::fill(dx + off, dx + off + sh.s, scalar_t(0));
+      continue;
+    }
+    for (int64_t i = 0; i < sh.s; i += kBlock) {
+      const int64_t len = std::min(kBlock, sh.s - i);
+      acc_t* o = out_block(dx + off + i, obuf);
+      grad_apply(load_block(x + off + i, len, buf), through ? load_block(dy + off + i, len, dbuf) : nullptr,
+                 o, len, s, k, through);
+      store_block(o, dx + off + i, len);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- rows layout
+// Rows of one sample per work unit, so that the route is one vector for the whole unit.
+struct RowBlocks {
+  int64_t rows_per_block, blocks_per_sample;
+  RowBlocks(Shape sh)
+      : rows_per_block(std::max<int64_t>(4, kBlock / std::max<int64_t>(sh.c, 1))),
+        blocks_per_sample((sh.s + rows_per_block - 1) / rows_per_block) {}
+};
+
+template <typename acc_t>
+struct ChannelPartials {
+  std::vector<acc_t> mean, m2, count;
+  explicit ChannelPartials(int64_t c) : mean(c, 0), m2(c, 0), count(c, 0) {}
+};
+
+template <typename scalar_t, typename acc_t>
+void rows_stats(const scalar_t* x, Shape sh, Route r, bool routed, const std::vector<char>& used,
+                bool all_channels, StatsOut<acc_t> out) {
+  const RowBlocks rb(sh);
+  const int64_t C = sh.c;
+  std::vector<ChannelPartials<acc_t>> partials(at::get_num_threads(), ChannelPartials<acc_t>(C));
+  at::parallel_for(0, sh.n * rb.blocks_per_sample, 1, [&](int64_t begin, int64_t end) {
+    ChannelPartials<acc_t>& p = partials[at::get_thread_num()];
+    std::vector<acc_t> buf(rb.rows_per_block * C), sum(C), sq(C);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t n = u / rb.blocks_per_sample;
+      const int64_t row0 = (u % rb.blocks_per_sample) * rb.rows_per_block;
+      const int64_t rows = std::min(rb.rows_per_block, sh.s - row0);
+      const acc_t* b = load_block(x + (n * sh.s + row0) * C, rows * C, buf.data());
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      std::fill(sq.begin(), sq.end(), acc_t(0));
+      for (int64_t i = 0; i < rows; ++i)
+        at::vec::map2([](Vec<acc_t> a, Vec<acc_t> v) { return a + v; }, sum.data(), sum.data(), b + i * C, C);
+      for (int64_t c = 0; c < C; ++c) sum[c] /= acc_t(rows);
+      for (int64_t i = 0; i < rows; ++i)
+        at::vec::map3([](Vec<acc_t> a, Vec<acc_t> v, Vec<acc_t> m) { return at::vec::fmadd(v - m, v - m, a); },
+                      sq.data(), sq.data(), b + i * C, sum.data(), C);
+      for (int64_t c = 0; c < C; ++c) {
+        if (!wants_stats(used[c], routed, all_channels) || (routed && !r.at(n, c))) continue;
+        Welford<acc_t> w{p.mean[c], p.m2[c], p.count[c]};
+        welford_merge(w, sum[c], sq[c], acc_t(rows));
+        p.mean[c] = w.mean, p.m2[c] = w.m2, p.count[c] = w.count;
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    Welford<acc_t> w;
+    for (const auto& p : partials) welford_merge(w, p.mean[c], p.m2[c], p.count[c]);
+    out.mean[c] = w.mean;
+    out.var[c] = biased_var(w);
+    out.count[c] = w.count;
+  }
+}
+
+// y = route ? relu(x * scale + shift) : 0, along rows of C.
+template <typename scalar_t, typename acc_t>
+void rows_apply(const scalar_t* x, scalar_t* y, Shape sh, Route r, const acc_t* scale, const acc_t* shift) {
+  const int64_t C = sh.c;
+  const std::vector<acc_t> keep = route_values<acc_t>(r, sh.n, C);
+  at::parallel_for(0, sh.n * sh.s, std::max<int64_t>(1, kBlock / C), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(C), obuf(C);
+    for (int64_t m = begin; m < end; ++m) {
+      const acc_t* k = keep.data() + (r.per_sample ? (m / sh.s) * C : 0);
+      const acc_t* b = load_block(x + m * C, C, buf.data());
+      acc_t* o = out_block(y + m * C, obuf.data());
+      at::vec::map4(
+          [](Vec<acc_t> v, Vec<acc_t> sc, Vec<acc_t> sh_, Vec<acc_t> kv) {
+            const Vec<acc_t> zero(acc_t(0));
+            return Vec<acc_t>::blendv(zero, at::vec::clamp_min(at::vec::fmadd(v, sc, sh_), zero), kv > zero);
+          },
+          o, b, scale, shift, k, C);
+      store_block(o, y + m * C, C);
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void rows_grad_sums(const scalar_t* x, const scalar_t* dy, Shape sh, Route r, const acc_t* scale,
+                    const acc_t* shift, const acc_t* mean, acc_t* sum_dy, acc_t* sum_dy_xmu) {
+  const int64_t C = sh.c;
+  const std::vector<acc_t> keep = route_values<acc_t>(r, sh.n, C);
+  const int64_t threads = at::get_num_threads();
+  std::vector<std::vector<double>> partial(threads, std::vector<double>(2 * C, 0.0));
+  const RowBlocks rb(sh);
+  at::parallel_for(0, sh.n * rb.blocks_per_sample, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double>& p = partial[at::get_thread_num()];
+    std::vector<acc_t> buf(C), dbuf(C), sg(C), sgx(C);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t n = u / rb.blocks_per_sample;
+      const int64_t row0 = (u % rb.blocks_per_sample) * rb.rows_per_block;
+      const int64_t rows = std::min(rb.rows_per_block, sh.s - row0);
+      const acc_t* k = keep.data() + (r.per_sample ? n * C : 0);
+      std::fill(sg.begin(), sg.end(), acc_t(0));
+      std::fill(sgx.begin(), sgx.end(), acc_t(0));
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t m = n * sh.s + row0 + i;
+        const acc_t* xv = load_block(x + m * C, C, buf.data());
+        const acc_t* dv = load_block(dy + m * C, C, dbuf.data());
+        for (int64_t c = 0; c < C; ++c) {  // auto-vectorised: plain selects and fmas
+          const acc_t g = (k[c] > 0 && xv[c] * scale[c] + shift[c] > acc_t(0)) ? dv[c] : acc_t(0);
+          sg[c] += g;
+          sgx[c] += g * (xv[c] - mean[c]);
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) p[c] += sg[c], p[C + c] += sgx[c];
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double a = 0, b = 0;
+    for (const auto& p : partial) a += p[c], b += p[C + c];
+    sum_dy[c] = acc_t(a);
+    sum_dy_xmu[c] = acc_t(b);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void rows_grad_apply(const scalar_t* x, const scalar_t* dy, scalar_t* dx, Shape sh, Route r,
+                     const std::vector<char>& used, bool routed_stats, const acc_t* scale,
+                     const acc_t* shift, const std::vector<GradCoef<acc_t>>& k) {
+  const int64_t C = sh.c;
+  const std::vector<acc_t> through = route_values<acc_t>(r, sh.n, C);
+  at::parallel_for(0, sh.n * sh.s, std::max<int64_t>(1, kBlock / C), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(C), dbuf(C), obuf(C);
+    for (int64_t m = begin; m < end; ++m) {
+      const acc_t* t = through.data() + (r.per_sample ? (m / sh.s) * C : 0);
+      const acc_t* xv = load_block(x + m * C, C, buf.data());
+      const acc_t* dv = load_block(dy + m * C, C, dbuf.data());
+      acc_t* o = out_block(dx + m * C, obuf.data());
+      for (int64_t c = 0; c < C; ++c) {
+        const bool on = t[c] > 0;
+        const bool zero = !used[c] || (!on && routed_stats);
+        const acc_t g = (on && xv[c] * scale[c] + shift[c] > acc_t(0)) ? dv[c] : acc_t(0);
+        const acc_t v = g * k[c].dy_coef + xv[c] * k[c].x_coef + k[c].bias_coef;
+        o[c] = zero ? acc_t(0) : v;
+      }
+      store_block(o, dx + m * C, C);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------- ops
+struct Prepared {
+  Tensor x, route;
+  Shape sh;
+  Route r;
+  std::vector<char> used;
+  bool rows;
+};
+
+Prepared prepare(const Tensor& x_in, const Tensor& route_in) {
+  check_input(x_in);
+  check_route(route_in, x_in);
+  TORCH_CHECK(x_in.device().is_cpu(), "x must be a CPU tensor for the CPU kernel");
+  Prepared p;
+  p.x = x_in.contiguous(layout_of(x_in));
+  p.route = route_in.contiguous();
+  p.sh = shape_of(p.x);
+  p.r = route_of(p.route, p.sh.c);
+  p.used = channels_used(p.r, p.sh.n, p.sh.c);
+  p.rows = is_rows_layout(p.x);
+  return p;
+}
+
+Tensor per_channel_empty(const Tensor& x) { return at::empty({x.size(1)}, x.options().dtype(acc_type_of(x))); }
+
+// Statistics for every channel that needs them (training) into out.
+template <typename scalar_t>
+void compute_stats(const Prepared& p, bool routed, bool all_channels, StatsOut<at::opmath_type<scalar_t>> out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x = p.x.data_ptr<scalar_t>();
+  if (p.rows) {
+    rows_stats<scalar_t, acc_t>(x, p.sh, p.r, routed, p.used, all_channels, out);
+    return;
+  }
+  at::parallel_for(0, p.sh.c, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> buf(kBlock);
+    for (int64_t c = c0; c < c1; ++c) {
+      Welford<acc_t> w;
+      if (wants_stats(p.used[c], routed, all_channels)) w = plane_stats(x, p.sh, c, p.r, routed, buf.data());
+      out.mean[c] = w.mean, out.var[c] = biased_var(w), out.count[c] = w.count;
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> channel_stats_cpu(const Tensor& x_in, const Tensor& route_in,
+                                                     bool routed_stats, bool all_channels) {
+  const Prepared p = prepare(x_in, route_in);
+  Tensor mean = per_channel_empty(p.x), var = per_channel_empty(p.x), count = per_channel_empty(p.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "channel_stats_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    compute_stats<scalar_t>(p, routed_stats, all_channels,
+                            {mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), count.data_ptr<acc_t>(), nullptr});
+  });
+  return {mean, var, count};
+}
+
+// Forward apply for all channels given mean/invstd: shared by the fused op and the stage op.
+template <typename scalar_t>
+void apply_forward(const Prepared& p, Tensor& y, const Tensor& mean, const Tensor& invstd,
+                   const Tensor& weight, const Tensor& bias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = p.sh.c;
+  std::vector<acc_t> scale(C), shift(C);
+  const acc_t *m = mean.data_ptr<acc_t>(), *is = invstd.data_ptr<acc_t>();
+  const acc_t *w = weight.data_ptr<acc_t>(), *b = bias.data_ptr<acc_t>();
+  for (int64_t c = 0; c < C; ++c) {
+    const ScaleShift<acc_t> s = scale_shift(m[c], is[c], w[c], b[c]);
+    scale[c] = s.scale, shift[c] = s.shift;
+  }
+  const scalar_t* x = p.x.data_ptr<scalar_t>();
+  scalar_t* out = y.data_ptr<scalar_t>();
+  if (p.rows) {
+    rows_apply<scalar_t, acc_t>(x, out, p.sh, p.r, scale.data(), shift.data());
+    return;
+  }
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> buf(kBlock), obuf(kBlock);
+    for (int64_t c = c0; c < c1; ++c)
+      plane_apply(x, out, p.sh, c, p.r, p.used[c], ScaleShift<acc_t>{scale[c], shift[c]}, buf.data(), obuf.data());
+  });
+}
+
+Tensor normalize_relu_route_cpu(const Tensor& x_in, const Tensor& route_in, const Tensor& mean_in,
+                                const Tensor& invstd_in, const std::optional<Tensor>& weight,
+                                const std::optional<Tensor>& bias) {
+  const Prepared p = prepare(x_in, route_in);
+  const Tensor mean = per_channel(mean_in, "mean", p.x), invstd = per_channel(invstd_in, "invstd", p.x);
+  const Tensor w = per_channel_or(weight, "weight", p.x, 1.0), b = per_channel_or(bias, "bias", p.x, 0.0);
+  Tensor y = at::empty_like(p.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "normalize_relu_route_cpu",
+                                  [&] { apply_forward<scalar_t>(p, y, mean, invstd, w, b); });
+  return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_relu_route_cpu(
+    const Tensor& x_in, const Tensor& route_in, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
+    const std::optional<Tensor>& running_var, bool training, double eps, bool routed_stats,
+    bool stats_all_channels) {
+  const Prepared p = prepare(x_in, route_in);
+  TORCH_CHECK_VALUE(eps > 0, "eps must be positive, got ", eps);
+  const Tensor w = per_channel_or(weight, "weight", p.x, 1.0), b = per_channel_or(bias, "bias", p.x, 0.0);
+  Tensor y = at::empty_like(p.x);
+  Tensor mean = per_channel_empty(p.x), invstd = per_channel_empty(p.x);
+  Tensor var = training ? per_channel_empty(p.x) : at::empty({0}, mean.options());
+  Tensor count = training ? per_channel_empty(p.x) : at::empty({0}, mean.options());
+  if (!training) {
+    TORCH_CHECK_VALUE(running_mean.has_value() && running_var.has_value(),
+                      "training=False needs running_mean and running_var");
+    mean.copy_(per_channel(*running_mean, "running_mean", p.x));
+    invstd.copy_(per_channel(*running_var, "running_var", p.x).add(eps).rsqrt());
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bn_relu_route_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* m = mean.data_ptr<acc_t>();
+    acc_t* is = invstd.data_ptr<acc_t>();
+    if (training && p.rows) {
+      compute_stats<scalar_t>(p, routed_stats, stats_all_channels,
+                              {m, var.data_ptr<acc_t>(), count.data_ptr<acc_t>(), is});
+      for (int64_t c = 0; c < p.sh.c; ++c) is[c] = inv_std(var.data_ptr<acc_t>()[c], eps);
+    }
+    if (training && !p.rows) {  // fused: each channel reduced and normalised while in cache
+      const scalar_t* x = p.x.data_ptr<scalar_t>();
+      scalar_t* out = y.data_ptr<scalar_t>();
+      acc_t *v = var.data_ptr<acc_t>(), *cnt = count.data_ptr<acc_t>();
+      const acc_t *wp = w.data_ptr<acc_t>(), *bp = b.data_ptr<acc_t>();
+      at::parallel_for(0, p.sh.c, 1, [&](int64_t c0, int64_t c1) {
+        std::vector<acc_t> buf(kBlock), obuf(kBlock);
+        for (int64_t c = c0; c < c1; ++c) {
+          Welford<acc_t> st;
+          if (wants_stats(p.used[c], routed_stats, stats_all_channels))
+            st = plane_stats(x, p.sh, c, p.r, routed_stats, buf.data());
+          m[c] = st.mean, v[c] = biased_var(st), cnt[c] = st.count, is[c] = inv_std(v[c], eps);
+          plane_apply(x, out, p.sh, c, p.r, p.used[c], scale_shift(m[c], is[c], wp[c], bp[c]), buf.data(),
+                      obuf.data());
+        }
+      });
+    } else {
+      apply_forward<scalar_t>(p, y, mean, invstd, w, b);
+    }
+  });
+  return {y, mean, invstd, var, count};
+}
+
+// Per-channel sums of g and g * (x - mean); g = dy * route * (pre-activation > 0).
+template <typename scalar_t>
+void reduce_grads(const Prepared& p, const Tensor& dy, const Tensor& mean, const Tensor& scale,
+                  const Tensor& shift, Tensor& sum_dy, Tensor& sum_dy_xmu) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t *x = p.x.data_ptr<scalar_t>(), *d = dy.data_ptr<scalar_t>();
+  const acc_t *m = mean.data_ptr<acc_t>(), *sc = scale.data_ptr<acc_t>(), *sh = shift.data_ptr<acc_t>();
+  acc_t *sg = sum_dy.data_ptr<acc_t>(), *sgx = sum_dy_xmu.data_ptr<acc_t>();
+  if (p.rows) {
+    rows_grad_sums<scalar_t, acc_t>(x, d, p.sh, p.r, sc, sh, m, sg, sgx);
+    return;
+  }
+  at::parallel_for(0, p.sh.c, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> buf(kBlock), dbuf(kBlock);
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t sums[2] = {0, 0};
+      if (p.used[c]) plane_grad_sums(x, d, p.sh, c, p.r, ScaleShift<acc_t>{sc[c], sh[c]}, m[c], sums, buf.data(), dbuf.data());
+      sg[c] = sums[0], sgx[c] = sums[1];
+    }
+  });
+}
+
+template <typename scalar_t>
+void apply_grads(const Prepared& p, const Tensor& dy, Tensor& dx, const Tensor& scale, const Tensor& shift,
+                 const std::vector<GradCoef<at::opmath_type<scalar_t>>>& k, bool training, bool routed_stats) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t *x = p.x.data_ptr<scalar_t>(), *d = dy.data_ptr<scalar_t>();
+  scalar_t* out = dx.data_ptr<scalar_t>();
+  const acc_t *sc = scale.data_ptr<acc_t>(), *sh = shift.data_ptr<acc_t>();
+  if (p.rows) {
+    rows_grad_apply<scalar_t, acc_t>(x, d, out, p.sh, p.r, p.used, routed_stats || !training, sc, sh, k);
+    return;
+  }
+  at::parallel_for(0, p.sh.c, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> buf(kBlock), dbuf(kBlock), obuf(kBlock);
+    for (int64_t c = c0; c < c1; ++c)
+      plane_grad_apply(x, d, out, p.sh, c, p.r, p.used[c], training, routed_stats, ScaleShift<acc_t>{sc[c], sh[c]},
+                       k[c], buf.data(), dbuf.data(), obuf.data());
+  });
+}
+
+struct BackwardInputs {
+  Prepared p;
+  Tensor dy, mean, invstd, w, b, scale, shift;
+};
+
+BackwardInputs prepare_backward(const Tensor& grad_y, const Tensor& x_in, const Tensor& route_in,
+                                const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                                const Tensor& mean_in, const Tensor& invstd_in) {
+  BackwardInputs in{prepare(x_in, route_in)};
+  const Tensor& x = in.p.x;
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), "grad_y must have the shape of x ", x.sizes(), ", got ",
+                    grad_y.sizes());
+  check_same_device(grad_y, "grad_y", x);
+  in.dy = grad_y.to(x.scalar_type()).contiguous(layout_of(x));
+  in.mean = per_channel(mean_in, "mean", x);
+  in.invstd = per_channel(invstd_in, "invstd", x);
+  in.w = per_channel_or(weight, "weight", x, 1.0);
+  in.b = per_channel_or(bias, "bias", x, 0.0);
+  in.scale = in.invstd * in.w;
+  in.shift = in.b - in.mean * in.scale;
+  return in;
+}
+
+template <typename acc_t>
+std::vector<GradCoef<acc_t>> grad_coefs(const BackwardInputs& in, const Tensor& sum_dy, const Tensor& sum_dy_xmu,
+                                        const Tensor& count, bool training) {
+  const int64_t C = in.p.sh.c;
+  std::vector<GradCoef<acc_t>> k(C);
+  const acc_t *m = in.mean.data_ptr<acc_t>(), *is = in.invstd.data_ptr<acc_t>(), *w = in.w.data_ptr<acc_t>();
+  const acc_t *sg = sum_dy.data_ptr<acc_t>(), *sgx = sum_dy_xmu.data_ptr<acc_t>();
+  const acc_t* cnt = training ? count.data_ptr<acc_t>() : nullptr;
+  for (int64_t c = 0; c < C; ++c)
+    k[c] = grad_coef(m[c], is[c], w[c], sg[c], sgx[c], training ? cnt[c] : acc_t(0), training);
+  return k;
+}
+
+Tensor checked_count(const Tensor& count, const Tensor& x, bool training) {
+  if (!training) return count;
+  return per_channel(count, "count", x);
+}
+
+std::tuple<Tensor, Tensor> backward_reduce_cpu(const Tensor& grad_y, const Tensor& x, const Tensor& route,
+                                               const Tensor& mean, const Tensor& invstd,
+                                               const std::optional<Tensor>& weight,
+                                               const std::optional<Tensor>& bias) {
+  BackwardInputs in = prepare_backward(grad_y, x, route, weight, bias, mean, invstd);
+  Tensor sum_dy = per_channel_empty(in.p.x), sum_dy_xmu = per_channel_empty(in.p.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.p.x.scalar_type(), "backward_reduce_cpu", [&] {
+    reduce_grads<scalar_t>(in.p, in.dy, in.mean, in.scale, in.shift, sum_dy, sum_dy_xmu);
+  });
+  return {sum_dy, sum_dy_xmu};
+}
+
+Tensor backward_apply_cpu(const Tensor& grad_y, const Tensor& x, const Tensor& route, const Tensor& mean,
+                          const Tensor& invstd, const std::optional<Tensor>& weight,
+                          const std::optional<Tensor>& bias, const Tensor& sum_dy_in,
+                          const Tensor& sum_dy_xmu_in, const Tensor& count_in, bool training,
+                          bool routed_stats) {
+  BackwardInputs in = prepare_backward(grad_y, x, route, weight, bias, mean, invstd);
+  const Tensor sum_dy = per_channel(sum_dy_in, "sum_dy", in.p.x);
+  const Tensor sum_dy_xmu = per_channel(sum_dy_xmu_in, "sum_dy_xmu", in.p.x);
+  const Tensor count = checked_count(count_in, in.p.x, training);
+  Tensor dx = at::empty_like(in.p.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.p.x.scalar_type(), "backward_apply_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    apply_grads<scalar_t>(in.p, in.dy, dx, in.scale, in.shift,
+                          grad_coefs<acc_t>(in, sum_dy, sum_dy_xmu, count, training), training, routed_stats);
+  });
+  return dx;
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_relu_route_backward_cpu(
+    const Tensor& grad_y, const Tensor& x, const Tensor& route, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd, const Tensor& count_in,
+    bool training, bool routed_stats, std::array<bool, 3> output_mask) {
+  BackwardInputs in = prepare_backward(grad_y, x, route, weight, bias, mean, invstd);
+  const Tensor count = checked_count(count_in, in.p.x, training);
+  Tensor sum_dy = at::zeros({in.p.sh.c}, in.mean.options()), sum_dy_xmu = at::zeros_like(sum_dy);
+  Tensor dx = output_mask[0] ? at::empty_like(in.p.x) : empty_grad(in.p.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.p.x.scalar_type(), "bn_relu_route_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (training || output_mask[1] || output_mask[2])
+      reduce_grads<scalar_t>(in.p, in.dy, in.mean, in.scale, in.shift, sum_dy, sum_dy_xmu);
+    if (output_mask[0])
+      apply_grads<scalar_t>(in.p, in.dy, dx, in.scale, in.shift,
+                            grad_coefs<acc_t>(in, sum_dy, sum_dy_xmu, count, training), training, routed_stats);
+  });
+  auto param_grad = [&](const std::optional<Tensor>& param, const Tensor& value, bool needed) {
+    if (!needed || !param.has_value() || !param->defined()) return empty_grad(in.p.x);
+    return value.to(param->scalar_type());
+  };
+  return {dx, param_grad(weight, sum_dy_xmu * in.invstd, output_mask[1]), param_grad(bias, sum_dy, output_mask[2])};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(taskrouting, CPU, m) {
+  m.impl("bn_relu_route", &bn_relu_route_cpu);
+  m.impl("bn_relu_route_backward", &bn_relu_route_backward_cpu);
+  m.impl("channel_stats", &channel_stats_cpu);
+  m.impl("normalize_relu_route", &normalize_relu_route_cpu);
+  m.impl("backward_reduce", &backward_reduce_cpu);
+  m.impl("backward_apply", &backward_apply_cpu);
+}
+
+}  // namespace taskrouting

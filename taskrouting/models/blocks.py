@@ -1,0 +1,137 @@
+"""Pieces shared by the routed models: the routed BatchNorm layers, per-layer masks, the base net."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..masks import _check_positive_int, check_masks, check_sharing_ratio, make_masks, select_route
+from ..modules import BNReLURoute2d
+from ..reference import route_view
+from ..router import TaskConditioned, TaskRouter, active_task
+from .heads import TaskHeads
+
+__all__ = ["ReferenceBNReLURoute2d", "ROUTED_BN", "Routing", "RoutedNet", "init_weights"]
+
+
+class ReferenceBNReLURoute2d(nn.BatchNorm2d, TaskConditioned):
+    """Unfused ``BatchNorm2d → ReLU → TaskRouter`` (``nn.BatchNorm2d``'s own forward, ``F.relu``,
+    then the mask), with the same parameters, buffers and state_dict keys as ``BNReLURoute2d``."""
+
+    def __init__(self, num_features: int, *, masks: torch.Tensor, sharing_ratio: float):
+        super().__init__(num_features)
+        self.sharing_ratio = check_sharing_ratio(sharing_ratio)
+        masks = check_masks(masks, num_features)
+        self.num_tasks = masks.shape[0]
+        self.register_buffer("masks", masks.clone())
+        self.active_task = None
+
+    def forward(self, x: torch.Tensor, task=None) -> torch.Tensor:
+        # Route first so that a bad task fails before the running stats are updated.
+        route = select_route(self.masks, self.active_task if task is None else task, x.shape[0], x.device)
+        y = F.relu(super().forward(x))
+        return y * route_view(route, y)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_tasks={self.num_tasks}, sharing_ratio={self.sharing_ratio}"
+
+
+ROUTED_BN = (BNReLURoute2d, ReferenceBNReLURoute2d)
+
+
+def _check_seed(seed):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    return seed
+
+
+class Routing:
+    """Builds a model's routing layers; each draws its own masks, in build order, from one
+    generator seeded by ``seed`` (torch's global RNG when ``seed`` is None)."""
+
+    def __init__(self, num_tasks: int, sharing_ratio: float = 0.5, seed: int | None = None,
+                 stats: str = "batch", fused: bool = True, backend: str = "auto"):
+        if stats not in ("batch", "routed"):
+            raise ValueError(f"stats must be 'batch' or 'routed', got {stats!r}")
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
+        if not fused and stats == "routed":
+            raise ValueError("stats='routed' is not a BatchNorm2d mode: use fused=True "
+                             "(backend='reference' gives the pure-PyTorch path)")
+        self.num_tasks = _check_positive_int(num_tasks, "num_tasks")
+        self.sharing_ratio = check_sharing_ratio(sharing_ratio)
+        seed = _check_seed(seed)
+        self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+        self.stats, self.fused, self.backend = stats, fused, backend
+
+    def masks(self, num_channels: int) -> torch.Tensor:
+        return make_masks(self.num_tasks, num_channels, self.sharing_ratio, generator=self.generator)
+
+    def bn_relu_route(self, num_channels: int) -> nn.Module:
+        """BatchNorm2d → ReLU → route: fused ``BNReLURoute2d`` or ``ReferenceBNReLURoute2d``."""
+        masks = self.masks(num_channels)
+        if self.fused:
+            return BNReLURoute2d(num_channels, masks=masks, sharing_ratio=self.sharing_ratio,
+                                 stats=self.stats, backend=self.backend)
+        return ReferenceBNReLURoute2d(num_channels, masks=masks, sharing_ratio=self.sharing_ratio)
+
+    def router(self, num_channels: int) -> TaskRouter:
+        return TaskRouter(num_channels, masks=self.masks(num_channels), sharing_ratio=self.sharing_ratio)
+
+
+def init_weights(model: nn.Module) -> None:
+    """He (fan-out) init for convs, BatchNorm at identity, as torchvision does."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class RoutedNet(nn.Module):
+    """A routed trunk (``trunk()``, run in order) ending in adaptive average pooling, then
+    ``heads``: one logit per sample ``[N]`` for the active task.
+
+    ``model(x)`` uses the task set by ``set_active_task(model, task)``; ``model(x, task=t)``
+    sets ``t`` for this call only.
+    """
+
+    def __init__(self, in_channels: int, width_mult: float, pool_size: int):
+        super().__init__()
+        self.in_channels = _check_positive_int(in_channels, "in_channels")
+        if isinstance(width_mult, bool) or not isinstance(width_mult, numbers.Real):
+            raise TypeError(f"width_mult must be a number, got {type(width_mult).__name__}")
+        if not (width_mult > 0 and math.isfinite(width_mult)):
+            raise ValueError(f"width_mult must be > 0, got {width_mult}")
+        self.width_mult = float(width_mult)
+        self.pool_size = _check_positive_int(pool_size, "pool_size")
+
+    def scaled(self, channels: int) -> int:
+        """``channels * width_mult``, rounded, at least 1."""
+        return max(1, int(round(channels * self.width_mult)))
+
+    def add_heads(self, channels: int, num_tasks: int, embedding_dim: int) -> None:
+        """Pooling and the task heads after a trunk with ``channels`` output channels; then init."""
+        self.avgpool = nn.AdaptiveAvgPool2d(self.pool_size)
+        self.heads = TaskHeads(channels * self.pool_size ** 2, num_tasks, embedding_dim)
+        init_weights(self)
+
+    def trunk(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, task=None) -> torch.Tensor:
+        if task is not None:
+            with active_task(self, task):
+                return self.forward(x)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be [N, {self.in_channels}, H, W], got {shape}")
+        for module in self.trunk():
+            x = module(x)
+        return self.heads(torch.flatten(x, 1))

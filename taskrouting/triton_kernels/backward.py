@@ -1,0 +1,228 @@
+"""Backward of BatchNorm + ReLU + route: reduce (``sum_dy``, ``sum_dy_xmu``) and apply (``grad_x``).
+
+``g = grad_y * route * (pre > 0)`` with the pre-activation ``pre = (x - mean) * invstd * w + b``
+recomputed from ``x`` (the ReLU mask is not stored). Per channel
+``sum_dy = Σ g``, ``sum_dy_xmu = Σ g (x - mean)``, ``grad_weight = sum_dy_xmu * invstd``,
+``grad_bias = sum_dy``; ``grad_x`` is
+``w·invstd·(g - sum_dy/count - (x - mean)·invstd²·sum_dy_xmu/count)`` in training (times the
+route with routed statistics) and ``g·w·invstd`` in eval.
+
+Skipping: ``grad_y`` is read only where the sample is routed through the channel. ``x`` too,
+except in training with batch statistics, where a non-routed sample of a channel whose sums are
+non-zero still gets a gradient through the mean and variance. A channel masked for the whole
+batch is therefore never read: zero sums, zero gradients.
+
+Tiling and layouts: see ``stats.py``. Per-lane fp32 accumulators, one cross-lane reduction per
+chunk; chunks merged by summing ``ws[2, P, C]``.
+
+Bytes moved:
+* ``backward_reduce_kernel``: reads routed ``x`` and ``grad_y`` once; writes ``2·P·C`` floats
+  (or the final sums / grads when ``P = 1``); with ``EVAL_GX`` also writes ``grad_x`` (eval needs
+  no reduction for it, so the fused eval backward is one pass);
+* ``backward_apply_kernel``: reads ``x`` and routed ``grad_y`` again, writes ``grad_x``;
+* ``fused_backward_kernel``: one pass (reads ``x``, ``grad_y`` once, writes ``grad_x`` and the
+  grads) with the whole channel block in registers.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .stats import load_channel, load_route, tile_offsets
+
+
+@triton.jit
+def merge_sum_partials(ws_ptr, P, C, c, cmask, BC: tl.constexpr, BLOCK_PP: tl.constexpr):
+    """Sum the ``P`` chunk partials ``ws[2, P, C]`` of channels ``c``: (sum_dy, sum_dy_xmu)."""
+    j = tl.arange(0, BLOCK_PP)[:, None]
+    cc = c[None, :]
+    cm = cmask[None, :]
+    s1 = tl.zeros([BC], tl.float32)
+    s2 = tl.zeros([BC], tl.float32)
+    for j0 in range(0, P, BLOCK_PP):
+        m = (j0 + j < P) & cm
+        o = (j0 + j) * C + cc
+        s1 += tl.sum(tl.load(ws_ptr + o, mask=m, other=0.0), 0)
+        s2 += tl.sum(tl.load(ws_ptr + P * C + o, mask=m, other=0.0), 0)
+    return s1, s2
+
+
+@triton.jit
+def store_sums(sum_dy, sum_dy_xmu, invstd, c, mask, sum_dy_ptr, sum_dy_xmu_ptr, gw_ptr, gb_ptr,
+               WRITE_SUMS: tl.constexpr, WRITE_GW: tl.constexpr, WRITE_GB: tl.constexpr):
+    if WRITE_SUMS:
+        tl.store(sum_dy_ptr + c, sum_dy, mask=mask)
+        tl.store(sum_dy_xmu_ptr + c, sum_dy_xmu, mask=mask)
+    if WRITE_GW:
+        # zero sums give a zero grad even where invstd is not finite (a skipped channel)
+        tl.store(gw_ptr + c, tl.where(sum_dy_xmu == 0.0, 0.0, sum_dy_xmu * invstd), mask=mask)
+    if WRITE_GB:
+        tl.store(gb_ptr + c, sum_dy, mask=mask)
+
+
+@triton.jit
+def backward_reduce_kernel(
+        dy_ptr, x_ptr, route_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
+        ws_ptr, sum_dy_ptr, sum_dy_xmu_ptr, gw_ptr, gb_ptr, gx_ptr,
+        N, C, HW, route_sn, Tp, T, TPC, P,
+        CL: tl.constexpr, ROUTE_2D: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+        FINAL: tl.constexpr, WRITE_SUMS: tl.constexpr, WRITE_GW: tl.constexpr,
+        WRITE_GB: tl.constexpr, EVAL_GX: tl.constexpr,
+        BN: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, BIG: tl.constexpr):
+    """Grid ``(cdiv(C, BC), P)``: per-chunk ``sum_dy``, ``sum_dy_xmu`` into ``ws[2, P, C]``, or
+    (``FINAL``, ``P == 1``) straight into the sums / grad_weight / grad_bias.
+    ``EVAL_GX``: also write the eval ``grad_x = g·w·invstd`` in the same pass."""
+    pid_c = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    c0 = pid_c * BC
+    c = c0 + tl.arange(0, BC)
+    cmask = c < C
+    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    w = load_channel(w_ptr, c, cmask, 1.0, HAS_W, BC)
+    b = load_channel(b_ptr, c, cmask, 0.0, HAS_B, BC)
+    mean3 = mean[None, None, :]
+    scale3 = (invstd * w)[None, None, :]
+    b3 = b[None, None, :]
+    acc_dy = tl.zeros([BN, BP, BC], tl.float32)
+    acc_dyxmu = tl.zeros([BN, BP, BC], tl.float32)
+    t0 = pid_j * TPC
+    t1 = tl.minimum(t0 + TPC, T)
+    for t in range(t0, t1):
+        off, valid, n3, c3 = tile_offsets(t, Tp, N, C, HW, c0, CL, BN, BP, BC, BIG)
+        m = valid & load_route(route_ptr, route_sn, n3, c3, N, C, ROUTE_2D)
+        xmu = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - mean3
+        dyv = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
+        g = tl.where(m & (xmu * scale3 + b3 > 0.0), dyv, 0.0)
+        acc_dy += g
+        acc_dyxmu += tl.where(m, g * xmu, 0.0)
+        if EVAL_GX:
+            tl.store(gx_ptr + off, tl.where(m, g * scale3, 0.0), mask=valid)
+    sum_dy = tl.sum(tl.sum(acc_dy, 0), 0)
+    sum_dy_xmu = tl.sum(tl.sum(acc_dyxmu, 0), 0)
+    if FINAL:
+        store_sums(sum_dy, sum_dy_xmu, invstd, c, cmask, sum_dy_ptr, sum_dy_xmu_ptr, gw_ptr, gb_ptr,
+                   WRITE_SUMS, WRITE_GW, WRITE_GB)
+    else:
+        o = pid_j * C + c
+        tl.store(ws_ptr + o, sum_dy, mask=cmask)
+        tl.store(ws_ptr + P * C + o, sum_dy_xmu, mask=cmask)
+
+
+@triton.jit
+def backward_finalize_kernel(ws_ptr, invstd_ptr, sum_dy_ptr, sum_dy_xmu_ptr, gw_ptr, gb_ptr, P, C,
+                             WRITE_SUMS: tl.constexpr, WRITE_GW: tl.constexpr,
+                             WRITE_GB: tl.constexpr, BC: tl.constexpr, BLOCK_PP: tl.constexpr):
+    """Grid ``(cdiv(C, BC),)``: sum ``ws[2, P, C]`` into the sums / grad_weight / grad_bias."""
+    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    cmask = c < C
+    sum_dy, sum_dy_xmu = merge_sum_partials(ws_ptr, P, C, c, cmask, BC, BLOCK_PP)
+    invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    store_sums(sum_dy, sum_dy_xmu, invstd, c, cmask, sum_dy_ptr, sum_dy_xmu_ptr, gw_ptr, gb_ptr,
+               WRITE_SUMS, WRITE_GW, WRITE_GB)
+
+
+@triton.jit
+def backward_apply_kernel(
+        dy_ptr, x_ptr, route_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
+        sum_dy_ptr, sum_dy_xmu_ptr, count_ptr, ws_ptr, gx_ptr, gw_ptr, gb_ptr,
+        N, C, HW, route_sn, Tp, T, TPC, P_SUMS,
+        CL: tl.constexpr, ROUTE_2D: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+        TRAINING: tl.constexpr, ROUTED: tl.constexpr, SUMS: tl.constexpr,
+        WRITE_GW: tl.constexpr, WRITE_GB: tl.constexpr,
+        BN: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, BIG: tl.constexpr,
+        BLOCK_PP: tl.constexpr):
+    """Grid ``(cdiv(C, BC), P)``: ``grad_x`` for a chunk of tiles.
+
+    ``SUMS``: 0: given ``sum_dy`` / ``sum_dy_xmu``; 1: summed from ``ws[2, P_SUMS, C]`` (the
+    ``j == 0`` programs then write grad_weight / grad_bias); 2: none (eval).
+    """
+    pid_c = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    c0 = pid_c * BC
+    c = c0 + tl.arange(0, BC)
+    cmask = c < C
+    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    w = load_channel(w_ptr, c, cmask, 1.0, HAS_W, BC)
+    b = load_channel(b_ptr, c, cmask, 0.0, HAS_B, BC)
+    scale = invstd * w
+    if SUMS == 0:
+        sum_dy = tl.load(sum_dy_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        sum_dy_xmu = tl.load(sum_dy_xmu_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    elif SUMS == 1:
+        sum_dy, sum_dy_xmu = merge_sum_partials(ws_ptr, P_SUMS, C, c, cmask, BC, BLOCK_PP)
+        store_sums(sum_dy, sum_dy_xmu, invstd, c, cmask & (pid_j == 0), sum_dy_ptr, sum_dy_xmu_ptr,
+                   gw_ptr, gb_ptr, False, WRITE_GW, WRITE_GB)
+    if TRAINING:
+        cnt = tl.maximum(tl.load(count_ptr + c, mask=cmask, other=1.0).to(tl.float32), 1.0)
+        k1 = (sum_dy / cnt)[None, None, :]
+        k2 = (sum_dy_xmu / cnt * invstd * invstd)[None, None, :]
+        active3 = ((sum_dy != 0.0) | (sum_dy_xmu != 0.0))[None, None, :]
+    mean3 = mean[None, None, :]
+    scale3 = scale[None, None, :]
+    b3 = b[None, None, :]
+    t0 = pid_j * TPC
+    t1 = tl.minimum(t0 + TPC, T)
+    for t in range(t0, t1):
+        off, valid, n3, c3 = tile_offsets(t, Tp, N, C, HW, c0, CL, BN, BP, BC, BIG)
+        m = valid & load_route(route_ptr, route_sn, n3, c3, N, C, ROUTE_2D)
+        if TRAINING and not ROUTED:
+            mx = m | (valid & active3)
+        else:
+            mx = m
+        xmu = tl.load(x_ptr + off, mask=mx, other=0.0).to(tl.float32) - mean3
+        dyv = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
+        g = tl.where(m & (xmu * scale3 + b3 > 0.0), dyv, 0.0)
+        if TRAINING:
+            gx = tl.where(mx, scale3 * (g - k1 - xmu * k2), 0.0)
+        else:
+            gx = tl.where(m, g * scale3, 0.0)
+        tl.store(gx_ptr + off, gx, mask=valid)
+
+
+@triton.jit
+def fused_backward_kernel(
+        dy_ptr, x_ptr, route_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, count_ptr,
+        gx_ptr, gw_ptr, gb_ptr,
+        N, C, HW, route_sn,
+        CL: tl.constexpr, ROUTE_2D: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+        TRAINING: tl.constexpr, ROUTED: tl.constexpr, WRITE_GX: tl.constexpr,
+        WRITE_GW: tl.constexpr, WRITE_GB: tl.constexpr,
+        BN: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, BIG: tl.constexpr):
+    """Grid ``(cdiv(C, BC),)``, one tile ``[BN >= N, BP >= HW, BC]`` per program: the sums and
+    ``grad_x`` of a whole channel block in one pass (x, grad_y read once)."""
+    c0 = tl.program_id(0) * BC
+    c = c0 + tl.arange(0, BC)
+    cmask = c < C
+    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    w = load_channel(w_ptr, c, cmask, 1.0, HAS_W, BC)
+    b = load_channel(b_ptr, c, cmask, 0.0, HAS_B, BC)
+    scale3 = (invstd * w)[None, None, :]
+    off, valid, n3, c3 = tile_offsets(0, 1, N, C, HW, c0, CL, BN, BP, BC, BIG)
+    r = load_route(route_ptr, route_sn, n3, c3, N, C, ROUTE_2D)
+    m = valid & r
+    if TRAINING and WRITE_GX and not ROUTED:
+        if ROUTE_2D:
+            mx = valid & (tl.max(r.to(tl.int32), 0, keep_dims=True) != 0)
+        else:
+            mx = m
+    else:
+        mx = m
+    xmu = tl.load(x_ptr + off, mask=mx, other=0.0).to(tl.float32) - mean[None, None, :]
+    dyv = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
+    g = tl.where(m & (xmu * scale3 + b[None, None, :] > 0.0), dyv, 0.0)
+    sum_dy = tl.sum(tl.sum(g, 0), 0)
+    sum_dy_xmu = tl.sum(tl.sum(tl.where(m, g * xmu, 0.0), 0), 0)
+    store_sums(sum_dy, sum_dy_xmu, invstd, c, cmask, gw_ptr, gw_ptr, gw_ptr, gb_ptr,
+               False, WRITE_GW, WRITE_GB)
+    if WRITE_GX:
+        if TRAINING:
+            cnt = tl.maximum(tl.load(count_ptr + c, mask=cmask, other=1.0).to(tl.float32), 1.0)
+            k1 = (sum_dy / cnt)[None, None, :]
+            k2 = (sum_dy_xmu / cnt * invstd * invstd)[None, None, :]
+            gx = tl.where(mx, scale3 * (g - k1 - xmu * k2), 0.0)
+        else:
+            gx = tl.where(m, g * scale3, 0.0)
+        tl.store(gx_ptr + off, gx, mask=valid)

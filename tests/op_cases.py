@@ -1,0 +1,80 @@
+"""Shared helpers for op tests: run a backend of bn_relu_route with autograd, compare results."""
+from __future__ import annotations
+
+import torch
+
+from taskrouting import ops
+
+TOLERANCE = {  # (rtol, atol) against the reference run in float32 (float64 for float64)
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    if channels_last and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    if channels_last and x.dim() == 5:
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
+def make_case(shape, dtype=torch.float32, channels_last=False, affine=True, seed=0, num_tasks=7,
+              sharing_ratio=0.5, per_sample=False, device="cpu"):
+    """Random inputs for one op call: x, masks, task, weight, bias, running stats, grad."""
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (torch.randn(shape, generator=g) * 1.5 + 0.3).to(dtype)
+    masks = ops_masks(num_tasks, c, sharing_ratio, seed)
+    task = torch.randint(0, num_tasks, (shape[0],), generator=g) if per_sample else int(seed % num_tasks)
+    weight = torch.randn(c, generator=g) if affine else None
+    bias = torch.randn(c, generator=g) if affine else None
+    running_mean, running_var = torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5
+    grad = torch.randn(shape, generator=g).to(dtype)
+    move = (lambda t: None if t is None else t.to(device))
+    x, grad = to_layout(x.to(device), channels_last), to_layout(grad.to(device), channels_last)
+    return dict(x=x, masks=masks.to(device), task=move(task) if per_sample else task, weight=move(weight),
+                bias=move(bias), running_mean=move(running_mean), running_var=move(running_var), grad=grad)
+
+
+def ops_masks(num_tasks, channels, sharing_ratio, seed):
+    from taskrouting import make_masks
+    return make_masks(num_tasks, channels, sharing_ratio, torch.Generator().manual_seed(seed + 1))
+
+
+def run(backend, case, training=True, stats="batch", momentum=0.1, eps=1e-5, track=True, upcast=False):
+    """Forward + backward of one backend; returns y, grads of x/weight/bias and the running stats."""
+    dtype = None
+    if upcast:
+        dtype = torch.float64 if case["x"].dtype == torch.float64 else torch.float32
+    def leaf(t):
+        if t is None:
+            return None
+        t = t.detach().clone()
+        if dtype is not None:
+            t = t.to(dtype)
+        return t.requires_grad_(True)
+    x, weight, bias = leaf(case["x"]), leaf(case["weight"]), leaf(case["bias"])
+    rm = case["running_mean"].clone() if track else None
+    rv = case["running_var"].clone() if track else None
+    y = ops.bn_relu_route(x, case["masks"], case["task"], weight, bias, rm, rv, training, momentum, eps,
+                          stats, backend)
+    grad = case["grad"] if dtype is None else case["grad"].to(dtype)
+    y.backward(grad)
+    return {"y": y.detach(), "grad_x": x.grad, "grad_weight": None if weight is None else weight.grad,
+            "grad_bias": None if bias is None else bias.grad, "running_mean": rm, "running_var": rv}
+
+
+def assert_matches(result, expected, dtype):
+    """Every output of a backend run equals the reference's within the dtype's tolerance."""
+    for key, want in expected.items():
+        got = result[key]
+        rtol, atol = max(TOLERANCE[dtype], TOLERANCE[want.dtype]) if want is not None else (0, 0)
+        if want is None:
+            assert got is None, key
+            continue
+        assert got is not None, key
+        assert got.shape == want.shape, key
+        torch.testing.assert_close(got.to(want.dtype), want, rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
