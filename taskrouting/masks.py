@@ -6,7 +6,8 @@ import numbers
 
 import torch
 
-__all__ = ["make_masks", "check_masks", "check_sharing_ratio", "select_route", "active_per_task"]
+__all__ = ["make_masks", "check_masks", "check_sharing_ratio", "check_positive_int", "check_task_ids",
+           "select_route", "active_per_task"]
 
 
 def active_per_task(num_channels: int, sharing_ratio: float) -> int:
@@ -23,7 +24,7 @@ def check_sharing_ratio(sharing_ratio) -> float:
     return sharing_ratio
 
 
-def _check_positive_int(value, name: str) -> int:
+def check_positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
@@ -39,8 +40,8 @@ def make_masks(num_tasks: int, num_channels: int, sharing_ratio: float,
     channel shared; σ = 0: channels split into disjoint balanced groups, one per task).
     The same ``generator`` state gives the same masks on every machine.
     """
-    num_tasks = _check_positive_int(num_tasks, "num_tasks")
-    num_channels = _check_positive_int(num_channels, "num_channels")
+    num_tasks = check_positive_int(num_tasks, "num_tasks")
+    num_channels = check_positive_int(num_channels, "num_channels")
     sharing_ratio = check_sharing_ratio(sharing_ratio)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -85,10 +86,9 @@ def check_masks(masks, num_channels: int | None = None) -> torch.Tensor:
     return masks
 
 
-def select_route(masks: torch.Tensor, task, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
-    """The channels each sample is routed through: bool ``[C]`` for one task per batch,
-    ``[N, C]`` for a per-sample task tensor. Checks the task against ``masks``."""
-    num_tasks = masks.shape[0]
+def check_task_ids(task, num_tasks: int, batch_size: int, device: torch.device | None = None):
+    """The active task, checked against ``num_tasks``: an int, or a LongTensor ``[N]`` of per-sample
+    ids (a 0-d tensor is accepted as one task for the batch, e.g. while compiling)."""
     if task is None:
         raise ValueError("task is not set: call set_active_task(model, task) or pass task=")
     if isinstance(task, torch.Tensor) and task.dim() == 0 and not task.is_floating_point() \
@@ -99,22 +99,31 @@ def select_route(masks: torch.Tensor, task, batch_size: int, device: torch.devic
     if isinstance(task, numbers.Integral):
         if not 0 <= task < num_tasks:
             raise IndexError(f"task {task} is out of range for {num_tasks} tasks")
-        return masks[int(task)]
+        return int(task)
     if not isinstance(task, torch.Tensor):
         raise TypeError(f"task must be an int or an integer LongTensor, got {type(task).__name__}")
     if task.dtype.is_floating_point or task.dtype.is_complex or task.dtype == torch.bool:
         raise TypeError(f"task must be an integer tensor (torch.long), got dtype {task.dtype}")
     if task.dim() == 0:
-        return masks[task.long()]
+        return task.long()
     if task.dim() != 1 or task.shape[0] != batch_size:
         raise ValueError(f"per-sample task must have shape [{batch_size}] (one id per sample), "
                          f"got {tuple(task.shape)}")
     if device is not None and task.device != device:
         raise ValueError(f"task is on {task.device} but the input is on {device}")
-    if task.device != masks.device:
-        raise ValueError(f"task is on {task.device} but masks are on {masks.device}")
     if task.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(task.min()), int(task.max())
+        lo, hi = torch.stack(torch.aminmax(task)).tolist()  # one device sync for both bounds
         if lo < 0 or hi >= num_tasks:
             raise IndexError(f"task ids must be in [0, {num_tasks}), got values in [{lo}, {hi}]")
-    return masks.index_select(0, task.long())
+    return task.long()
+
+
+def select_route(masks: torch.Tensor, task, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """The channels each sample is routed through: bool ``[C]`` for one task per batch,
+    ``[N, C]`` for a per-sample task tensor. Checks the task against ``masks``."""
+    task = check_task_ids(task, masks.shape[0], batch_size, device)
+    if isinstance(task, int) or task.dim() == 0:
+        return masks[task]
+    if task.device != masks.device:
+        raise ValueError(f"task is on {task.device} but masks are on {masks.device}")
+    return masks.index_select(0, task)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .masks import check_sharing_ratio
+from .masks import check_sharing_ratio, select_route
 from .router import TaskConditioned, build_masks
 
 __all__ = ["BNReLURoute1d", "BNReLURoute2d", "BNReLURoute3d"]
@@ -52,13 +52,16 @@ class _BNReLURoute(nn.modules.batchnorm._BatchNorm, TaskConditioned):
 
     def forward(self, x: torch.Tensor, task=None) -> torch.Tensor:
         self._check_input_dim(x)
-        factor = self._average_factor()
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
-        return ops.bn_relu_route(
-            x, self.masks, self.active_task if task is None else task, self.weight, self.bias,
-            self.running_mean if keep_running else None, self.running_var if keep_running else None,
-            use_batch_stats, factor, self.eps, self.stats, self.backend)
+        running_mean = self.running_mean if keep_running else None
+        running_var = self.running_var if keep_running else None
+        # Everything is checked before num_batches_tracked counts the batch.
+        ops.check_inputs(x, self.masks, self.weight, self.bias, running_mean, running_var, use_batch_stats,
+                         self.momentum or 0.0, self.eps, self.stats)
+        route = select_route(self.masks, self.active_task if task is None else task, x.shape[0], x.device)
+        return ops.bn_relu_route_on(x, route, self.weight, self.bias, running_mean, running_var,
+                                    use_batch_stats, self._average_factor(), self.eps, self.stats, self.backend)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, num_tasks={self.num_tasks}, sharing_ratio={self.sharing_ratio}, "

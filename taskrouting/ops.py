@@ -25,7 +25,7 @@ from . import _extension
 from .masks import select_route
 from .reference import bn_relu_route_reference, update_running_stats
 
-__all__ = ["bn_relu_route", "available_backends", "resolve_backend", "BACKENDS", "SCHEMAS",
+__all__ = ["bn_relu_route", "bn_relu_route_on", "check_inputs", "available_backends", "resolve_backend", "BACKENDS", "SCHEMAS",
            "register_backend", "combine_stats"]
 
 # Statistics are float32 (float64 for float64 input); route is bool [C] or [N, C].
@@ -316,6 +316,13 @@ def bn_relu_route(x: torch.Tensor, masks: torch.Tensor, task, weight=None, bias=
     """
     check_inputs(x, masks, weight, bias, running_mean, running_var, training, momentum, eps, stats)
     route = select_route(masks, task, x.shape[0], x.device)
+    return bn_relu_route_on(x, route, weight, bias, running_mean, running_var, training, momentum, eps, stats,
+                            backend)
+
+
+def bn_relu_route_on(x, route, weight, bias, running_mean, running_var, training, momentum, eps, stats,
+                     backend):
+    """``bn_relu_route`` on an already selected ``route`` (bool [C] or [N, C]) and checked inputs."""
     name = resolve_backend(backend, x)
     routed = stats == "routed"
     if name == "reference":

@@ -144,8 +144,8 @@ def extract_subnetwork(model: RoutedNet, task: int, *, fold_bn: bool = True) -> 
         task = int(task)
     if isinstance(task, bool) or not isinstance(task, numbers.Integral):
         raise TypeError(f"task must be an int, got {task!r}")
-    if not 0 <= task < model.heads.num_tasks:
-        raise IndexError(f"task {task} is out of range for {model.heads.num_tasks} tasks")
+    if not 0 <= task < model.num_tasks:
+        raise IndexError(f"task {task} is out of range for {model.num_tasks} tasks")
     task = int(task)
     with torch.no_grad():
         trunk, active = _trunk(model.trunk(), task, fold_bn)

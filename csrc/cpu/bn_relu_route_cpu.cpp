@@ -328,13 +328,29 @@ void rows_apply(const scalar_t* x, scalar_t* y, Shape sh, Route r, const acc_t* 
   });
 }
 
+// Along one row of C channels: g = dy where routed and the pre-activation is positive.
+template <typename acc_t>
+struct RowGrad {
+  const acc_t *scale, *shift;
+  Vec<acc_t> operator()(const acc_t* x, const acc_t* dy, const acc_t* on, int64_t c, Vec<acc_t>& xv) const {
+    const Vec<acc_t> zero(acc_t(0));
+    xv = Vec<acc_t>::loadu(x + c);
+    const Vec<acc_t> pos = at::vec::fmadd(xv, Vec<acc_t>::loadu(scale + c), Vec<acc_t>::loadu(shift + c)) > zero;
+    return Vec<acc_t>::blendv(zero, Vec<acc_t>::loadu(dy + c), pos & (Vec<acc_t>::loadu(on + c) > zero));
+  }
+  acc_t scalar(const acc_t* x, const acc_t* dy, const acc_t* on, int64_t c) const {
+    return on[c] > 0 && x[c] * scale[c] + shift[c] > acc_t(0) ? dy[c] : acc_t(0);
+  }
+};
+
 template <typename scalar_t, typename acc_t>
 void rows_grad_sums(const scalar_t* x, const scalar_t* dy, Shape sh, Route r, const acc_t* scale,
                     const acc_t* shift, const acc_t* mean, acc_t* sum_dy, acc_t* sum_dy_xmu) {
+  constexpr int64_t W = Vec<acc_t>::size();
   const int64_t C = sh.c;
-  const std::vector<acc_t> keep = route_values<acc_t>(r, sh.n, C);
-  const int64_t threads = at::get_num_threads();
-  std::vector<std::vector<double>> partial(threads, std::vector<double>(2 * C, 0.0));
+  const std::vector<acc_t> through = route_values<acc_t>(r, sh.n, C);
+  const RowGrad<acc_t> grad{scale, shift};
+  std::vector<std::vector<double>> partial(at::get_num_threads(), std::vector<double>(2 * C, 0.0));
   const RowBlocks rb(sh);
   at::parallel_for(0, sh.n * rb.blocks_per_sample, 1, [&](int64_t begin, int64_t end) {
     std::vector<double>& p = partial[at::get_thread_num()];
@@ -343,17 +359,24 @@ void rows_grad_sums(const scalar_t* x, const scalar_t* dy, Shape sh, Route r, co
       const int64_t n = u / rb.blocks_per_sample;
       const int64_t row0 = (u % rb.blocks_per_sample) * rb.rows_per_block;
       const int64_t rows = std::min(rb.rows_per_block, sh.s - row0);
-      const acc_t* k = keep.data() + (r.per_sample ? n * C : 0);
+      const acc_t* on = through.data() + (r.per_sample ? n * C : 0);
       std::fill(sg.begin(), sg.end(), acc_t(0));
       std::fill(sgx.begin(), sgx.end(), acc_t(0));
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t m = n * sh.s + row0 + i;
-        const acc_t* xv = load_block(x + m * C, C, buf.data());
-        const acc_t* dv = load_block(dy + m * C, C, dbuf.data());
-        for (int64_t c = 0; c < C; ++c) {  // auto-vectorised: plain selects and fmas
-          const acc_t g = (k[c] > 0 && xv[c] * scale[c] + shift[c] > acc_t(0)) ? dv[c] : acc_t(0);
+        const acc_t* xr = load_block(x + m * C, C, buf.data());
+        const acc_t* dr = load_block(dy + m * C, C, dbuf.data());
+        int64_t c = 0;
+        for (; c + W <= C; c += W) {
+          Vec<acc_t> xv;
+          const Vec<acc_t> g = grad(xr, dr, on, c, xv);
+          (Vec<acc_t>::loadu(sg.data() + c) + g).store(sg.data() + c);
+          at::vec::fmadd(g, xv - Vec<acc_t>::loadu(mean + c), Vec<acc_t>::loadu(sgx.data() + c)).store(sgx.data() + c);
+        }
+        for (; c < C; ++c) {
+          const acc_t g = grad.scalar(xr, dr, on, c);
           sg[c] += g;
-          sgx[c] += g * (xv[c] - mean[c]);
+          sgx[c] += g * (xr[c] - mean[c]);
         }
       }
       for (int64_t c = 0; c < C; ++c) p[c] += sg[c], p[C + c] += sgx[c];
@@ -367,25 +390,39 @@ void rows_grad_sums(const scalar_t* x, const scalar_t* dy, Shape sh, Route r, co
   }
 }
 
+// zero_unrouted: routed statistics or eval, where a sample not routed through c gets no gradient.
 template <typename scalar_t, typename acc_t>
 void rows_grad_apply(const scalar_t* x, const scalar_t* dy, scalar_t* dx, Shape sh, Route r,
-                     const std::vector<char>& used, bool routed_stats, const acc_t* scale,
+                     const std::vector<char>& used, bool zero_unrouted, const acc_t* scale,
                      const acc_t* shift, const std::vector<GradCoef<acc_t>>& k) {
+  constexpr int64_t W = Vec<acc_t>::size();
   const int64_t C = sh.c;
   const std::vector<acc_t> through = route_values<acc_t>(r, sh.n, C);
+  std::vector<acc_t> kd(C), kx(C), kb(C), live(C);
+  for (int64_t c = 0; c < C; ++c)
+    kd[c] = k[c].dy_coef, kx[c] = k[c].x_coef, kb[c] = k[c].bias_coef, live[c] = used[c] ? acc_t(1) : acc_t(0);
+  const RowGrad<acc_t> grad{scale, shift};
   at::parallel_for(0, sh.n * sh.s, std::max<int64_t>(1, kBlock / C), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(C), dbuf(C), obuf(C);
+    const Vec<acc_t> zero(acc_t(0));
     for (int64_t m = begin; m < end; ++m) {
-      const acc_t* t = through.data() + (r.per_sample ? (m / sh.s) * C : 0);
-      const acc_t* xv = load_block(x + m * C, C, buf.data());
-      const acc_t* dv = load_block(dy + m * C, C, dbuf.data());
+      const acc_t* on = through.data() + (r.per_sample ? (m / sh.s) * C : 0);
+      const acc_t* keep = zero_unrouted ? on : live.data();
+      const acc_t* xr = load_block(x + m * C, C, buf.data());
+      const acc_t* dr = load_block(dy + m * C, C, dbuf.data());
       acc_t* o = out_block(dx + m * C, obuf.data());
-      for (int64_t c = 0; c < C; ++c) {
-        const bool on = t[c] > 0;
-        const bool zero = !used[c] || (!on && routed_stats);
-        const acc_t g = (on && xv[c] * scale[c] + shift[c] > acc_t(0)) ? dv[c] : acc_t(0);
-        const acc_t v = g * k[c].dy_coef + xv[c] * k[c].x_coef + k[c].bias_coef;
-        o[c] = zero ? acc_t(0) : v;
+      int64_t c = 0;
+      for (; c + W <= C; c += W) {
+        Vec<acc_t> xv;
+        const Vec<acc_t> g = grad(xr, dr, on, c, xv);
+        const Vec<acc_t> v = at::vec::fmadd(g, Vec<acc_t>::loadu(kd.data() + c),
+                                            at::vec::fmadd(xv, Vec<acc_t>::loadu(kx.data() + c), Vec<acc_t>::loadu(kb.data() + c)));
+        const Vec<acc_t> mask = (Vec<acc_t>::loadu(keep + c) > zero) & (Vec<acc_t>::loadu(live.data() + c) > zero);
+        Vec<acc_t>::blendv(zero, v, mask).store(o + c);
+      }
+      for (; c < C; ++c) {
+        const acc_t v = grad.scalar(xr, dr, on, c) * kd[c] + xr[c] * kx[c] + kb[c];
+        o[c] = keep[c] > 0 && live[c] > 0 ? v : acc_t(0);
       }
       store_block(o, dx + m * C, C);
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,7 @@ import torch
 __all__ = ["Shape", "MODES", "DTYPES", "Case", "Sweep", "ModelSettings", "Settings", "SWEEPS",
            "HEADLINE", "TASKS", "SHARING_RATIOS", "vgg11_shapes", "parse_shapes", "parse_dtype",
            "parse_mode", "shape_label", "build_sweeps", "unique_cases", "preset", "PRESETS",
-           "default_device"]
+           "default_device", "settings_from_env"]
 
 Shape = tuple[int, ...]
 
@@ -125,8 +126,9 @@ class Case:
 
     @property
     def label(self) -> str:
+        stats = "" if self.stats == "batch" else f" stats={self.stats}"
         return (f"{shape_label(self.shape)} {self.dtype} {self.mode} T={self.num_tasks} "
-                f"s={self.sharing_ratio:g}")
+                f"s={self.sharing_ratio:g}{stats}")
 
     @property
     def slug(self) -> str:
@@ -252,7 +254,7 @@ def default_device() -> str:
 def _cpu_presets() -> dict[str, Settings]:
     quick = Settings(
         device="cpu", preset="quick", shapes=((4, 16, 8, 8),), sweep_shapes=((4, 16, 8, 8),),
-        modes=MODES, tasks=(1, 10, 100), sharing_ratios=(0.5, 1.0), num_tasks=10,
+        modes=MODES, tasks=(1, 100), sharing_ratios=(0.5, 1.0), num_tasks=10,
         repeats=3, warmup=1, min_time=0.0, max_inner=2,
         model=ModelSettings(batch=2, resolution=32, width_mult=1 / 16, num_tasks=10))
     default = Settings(
@@ -277,6 +279,13 @@ def _cuda_presets() -> dict[str, Settings]:
 
 
 PRESETS = ("quick", "default", "full")
+
+
+def settings_from_env(environ=None) -> Settings:
+    """Settings of the pytest-benchmark suite: ``TASKROUTING_BENCH_PRESET`` (``quick``, the
+    default: small cases; ``default`` or ``full`` for full size) on ``TASKROUTING_BENCH_DEVICE``."""
+    environ = os.environ if environ is None else environ
+    return preset(environ.get("TASKROUTING_BENCH_PRESET", "quick"), environ.get("TASKROUTING_BENCH_DEVICE"))
 
 
 def preset(name: str = "default", device: str | None = None) -> Settings:

@@ -23,6 +23,10 @@ Backward, eval: ``grad_x`` needs no batch reduction, so one pass reads ``grad_y`
     of the active channels, accumulates grad_weight/grad_bias and writes ``grad_x`` → ``(2a + 1) E``
 Forward + backward: the sum of the two.
 
+This counts what the op must *touch*; a kernel that re-reads a channel while it is still in
+cache (e.g. statistics then normalization of one channel at a time) takes fewer trips to DRAM,
+so its fraction of the copy bandwidth can exceed 100 %: that is cache reuse, not an error.
+
 The plain BatchNorm → ReLU (no routing) case is counted with ``a = 1``. Per-channel
 parameters, statistics and masks (``O(C)`` bytes) are left out: about 1 % of the traffic for
 the smallest default shape (16x512x7x7), far less for the others.

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..masks import _check_positive_int, check_masks, check_sharing_ratio, make_masks, select_route
+from ..masks import check_positive_int, check_masks, check_sharing_ratio, make_masks, select_route
 from ..modules import BNReLURoute2d
 from ..reference import route_view
 from ..router import TaskConditioned, TaskRouter, active_task
@@ -61,7 +61,7 @@ class Routing:
         if not fused and stats == "routed":
             raise ValueError("stats='routed' is not a BatchNorm2d mode: use fused=True "
                              "(backend='reference' gives the pure-PyTorch path)")
-        self.num_tasks = _check_positive_int(num_tasks, "num_tasks")
+        self.num_tasks = check_positive_int(num_tasks, "num_tasks")
         self.sharing_ratio = check_sharing_ratio(sharing_ratio)
         seed = _check_seed(seed)
         self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
@@ -104,13 +104,17 @@ class RoutedNet(nn.Module):
 
     def __init__(self, in_channels: int, width_mult: float, pool_size: int):
         super().__init__()
-        self.in_channels = _check_positive_int(in_channels, "in_channels")
+        self.in_channels = check_positive_int(in_channels, "in_channels")
         if isinstance(width_mult, bool) or not isinstance(width_mult, numbers.Real):
             raise TypeError(f"width_mult must be a number, got {type(width_mult).__name__}")
         if not (width_mult > 0 and math.isfinite(width_mult)):
             raise ValueError(f"width_mult must be > 0, got {width_mult}")
         self.width_mult = float(width_mult)
-        self.pool_size = _check_positive_int(pool_size, "pool_size")
+        self.pool_size = check_positive_int(pool_size, "pool_size")
+
+    @property
+    def num_tasks(self) -> int:
+        return self.heads.num_tasks
 
     def scaled(self, channels: int) -> int:
         """``channels * width_mult``, rounded, at least 1."""

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..masks import _check_positive_int
+from ..masks import check_positive_int, check_task_ids
 from ..router import TaskConditioned
 
 __all__ = ["TaskHeads"]
@@ -22,14 +21,16 @@ class TaskHeads(nn.Module, TaskConditioned):
     ``bias2 [T]``), so no forward costs O(T): one task per batch (int) reads that task's slice;
     a per-sample LongTensor ``[N]`` groups the samples by task and runs the U distinct tasks of
     the batch as one padded ``bmm`` (extra memory: U weight slices and a ``[U, max group, F]``
-    copy of ``x``). Initialised like ``nn.Linear``.
+    copy of ``x``; under ``torch.compile``, N weight slices, one per sample). The backward, as
+    for any stacked parameter, writes a dense ``[T, ...]`` gradient (zero for absent tasks).
+    Initialised like ``nn.Linear``.
     """
 
     def __init__(self, in_features: int, num_tasks: int, embedding_dim: int = 256, device=None, dtype=None):
         super().__init__()
         for value, name in ((in_features, "in_features"), (num_tasks, "num_tasks"),
                             (embedding_dim, "embedding_dim")):
-            _check_positive_int(value, name)
+            check_positive_int(value, name)
         self.in_features, self.num_tasks, self.embedding_dim = in_features, num_tasks, embedding_dim
         factory = {"device": device, "dtype": dtype}
         self.weight1 = nn.Parameter(torch.empty(num_tasks, embedding_dim, in_features, **factory))
@@ -48,27 +49,10 @@ class TaskHeads(nn.Module, TaskConditioned):
 
     def _task(self, task, x: torch.Tensor):
         """The task as an int, or a checked LongTensor ``[N]`` of per-sample ids."""
-        if task is None:
-            raise ValueError("task is not set: call set_active_task(model, task) or pass task=")
-        if isinstance(task, torch.Tensor) and task.dim() == 0 and not torch.compiler.is_compiling() \
-                and not (task.is_floating_point() or task.is_complex() or task.dtype == torch.bool):
-            task = int(task)
-        if isinstance(task, numbers.Integral) and not isinstance(task, bool):
-            if not 0 <= task < self.num_tasks:
-                raise IndexError(f"task {task} is out of range for {self.num_tasks} tasks")
-            return int(task)
-        if not isinstance(task, torch.Tensor) or task.is_floating_point() or task.is_complex() \
-                or task.dtype == torch.bool:
-            raise TypeError(f"task must be an int or an integer LongTensor [N], got {task!r}")
-        if task.dim() != 1 or task.shape[0] != x.shape[0]:
-            raise ValueError(f"per-sample task must have shape [{x.shape[0]}], got {tuple(task.shape)}")
-        if task.device != x.device:
-            raise ValueError(f"task is on {task.device} but x is on {x.device}")
-        if task.numel() and not torch.compiler.is_compiling():
-            lo, hi = int(task.min()), int(task.max())
-            if lo < 0 or hi >= self.num_tasks:
-                raise IndexError(f"task ids must be in [0, {self.num_tasks}), got values in [{lo}, {hi}]")
-        return task.long()
+        task = check_task_ids(task, self.num_tasks, x.shape[0], x.device)
+        if isinstance(task, torch.Tensor) and task.dim() == 0:  # only while compiling
+            task = task.expand(x.shape[0])
+        return task
 
     def forward(self, x: torch.Tensor, task=None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.in_features:
@@ -78,9 +62,19 @@ class TaskHeads(nn.Module, TaskConditioned):
         if isinstance(task, int):
             hidden = F.relu(F.linear(x, self.weight1[task], self.bias1[task]))
             return hidden @ self.weight2[task] + self.bias2[task]
-        return self._per_sample(x, task)
+        if torch.compiler.is_compiling():
+            return self._per_sample_gathered(x, task)
+        return self._per_sample_grouped(x, task)
 
-    def _per_sample(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+    def _per_sample_gathered(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """Each sample with its own copy of its task's weights (extra memory N·E·F); static
+        shapes, so ``torch.compile`` captures it without a graph break."""
+        hidden = F.relu(torch.baddbmm(self.bias1[task].unsqueeze(1), x.unsqueeze(1),
+                                      self.weight1[task].transpose(1, 2))).squeeze(1)
+        return (hidden * self.weight2[task]).sum(1) + self.bias2[task]
+
+    def _per_sample_grouped(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """The U distinct tasks of the batch as one padded bmm: U weight copies, not N."""
         tasks, group, counts = torch.unique(task, return_inverse=True, return_counts=True)
         width = int(counts.max()) if counts.numel() else 0
         # Slot of each sample inside its group: its rank among the samples of its task.

@@ -39,7 +39,8 @@ class Bottleneck(nn.Module):
 
 class RoutedResNet(RoutedNet):
     """ResNet with bottlenecks and Task Routing, then ``AdaptiveAvgPool2d(pool_size)`` and one
-    ``TaskHeads`` head per task. Arguments as ``RoutedVGG``, plus ``layers``: blocks per stage.
+    ``TaskHeads`` head per task. Arguments as ``RoutedVGG``, plus ``layers`` (bottlenecks per
+    stage); ``pool_size`` defaults to 1, torchvision's global average pool.
 
     Names follow torchvision's ResNet (``conv1``, ``bn1``, ``layer1.0.conv1``, ...), so its
     backbone weights load with ``strict=False``; each routing layer adds ``masks``.
@@ -68,8 +69,8 @@ class RoutedResNet(RoutedNet):
         self.add_heads(channels, routing.num_tasks, embedding_dim)
 
     def trunk(self) -> list[nn.Module]:
-        stages = (getattr(self, f"layer{i + 1}") for i in range(self.num_stages))
-        return [self.conv1, self.bn1, self.maxpool, *(block for stage in stages for block in stage), self.avgpool]
+        blocks = [block for i in range(self.num_stages) for block in getattr(self, f"layer{i + 1}")]
+        return [self.conv1, self.bn1, self.maxpool, *blocks, self.avgpool]
 
 
 def resnet50(num_tasks: int, **kwargs) -> RoutedResNet:

@@ -152,7 +152,7 @@ def backward_apply_kernel(
         sum_dy_xmu = tl.load(sum_dy_xmu_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     elif SUMS == 1:
         sum_dy, sum_dy_xmu = merge_sum_partials(ws_ptr, P_SUMS, C, c, cmask, BC, BLOCK_PP)
-        store_sums(sum_dy, sum_dy_xmu, invstd, c, cmask & (pid_j == 0), sum_dy_ptr, sum_dy_xmu_ptr,
+        store_sums(sum_dy, sum_dy_xmu, invstd, c, c + pid_j * C < C, sum_dy_ptr, sum_dy_xmu_ptr,
                    gw_ptr, gb_ptr, False, WRITE_GW, WRITE_GB)
     if TRAINING:
         cnt = tl.maximum(tl.load(count_ptr + c, mask=cmask, other=1.0).to(tl.float32), 1.0)

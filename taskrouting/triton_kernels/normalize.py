@@ -41,7 +41,7 @@ def normalize_kernel(
     c0 = pid_c * BC
     c = c0 + tl.arange(0, BC)
     cmask = c < C
-    first = cmask & (pid_j == 0)
+    first = c + pid_j * C < C  # channels of this block, in the j == 0 programs only
     if STATS == 0:
         mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(tl.float32)
         invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0).to(tl.float32)

@@ -1,0 +1,22 @@
+"""pytest-benchmark: one SGD training step of a routed VGG-11, fused vs reference vs no routing."""
+from __future__ import annotations
+
+import pytest
+
+from taskrouting.benchmarking.cases import settings_from_env
+from taskrouting.benchmarking.model import model_step, model_variants
+from taskrouting.benchmarking.variants import Skip, fused_backends
+
+pytest.importorskip("pytest_benchmark")
+
+SETTINGS = settings_from_env()
+BACKENDS, _ = fused_backends(SETTINGS.device)
+
+
+@pytest.mark.parametrize("variant", model_variants(BACKENDS))
+def test_model_train_step(time_step, variant):
+    try:
+        step = model_step(variant, SETTINGS.model, SETTINGS.device, SETTINGS.seed)
+    except Skip as exc:
+        pytest.skip(str(exc))
+    time_step(step, SETTINGS.warmup, SETTINGS.device, group=SETTINGS.model.label)
