@@ -72,6 +72,28 @@ inline int64_t spatial_size(const at::Tensor& x) {
   return s;
 }
 
+// running_mean/var are updated in place from per-channel mean, var and count of the same length.
+inline void check_running_update(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                 const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count) {
+  const int64_t c = running_mean.numel();
+  TORCH_CHECK_VALUE(running_mean.dim() == 1 && running_var.sizes() == running_mean.sizes(),
+                    "running_mean and running_var must be [C] tensors of one size, got ", running_mean.sizes(),
+                    " and ", running_var.sizes());
+  TORCH_CHECK_VALUE(running_mean.is_contiguous() && running_var.is_contiguous(),
+                    "running_mean and running_var must be contiguous");
+  TORCH_CHECK_TYPE(running_mean.scalar_type() == running_var.scalar_type() &&
+                       at::isFloatingType(running_mean.scalar_type()),
+                   "running_mean and running_var must be floating tensors of one dtype");
+  const std::pair<const at::Tensor*, const char*> stats[] = {{&mean, "mean"}, {&var, "var"}, {&count, "count"}};
+  for (const auto& [t, name] : stats) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->numel() == c, name, " must have shape [", c, "], got ", t->sizes());
+    TORCH_CHECK_VALUE(t->device() == running_mean.device(), name, " is on ", t->device(),
+                      " but running_mean is on ", running_mean.device());
+  }
+  TORCH_CHECK_VALUE(running_var.device() == running_mean.device(), "running_var is on ", running_var.device(),
+                    " but running_mean is on ", running_mean.device());
+}
+
 inline at::Tensor empty_grad(const at::Tensor& x) { return at::empty({0}, x.options()); }
 
 }  // namespace taskrouting

@@ -43,6 +43,17 @@ TR_HOST_DEVICE acc_t inv_std(acc_t var, double eps) {
   return acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
 }
 
+// nn.BatchNorm's running-stat update, r = (1 - m) r + m stat, with the Bessel-corrected variance;
+// a channel with a single value keeps its biased variance (0), one with none is left as it is.
+template <typename acc_t>
+TR_HOST_DEVICE void update_running(acc_t& running_mean, acc_t& running_var, acc_t mean, acc_t var,
+                                   acc_t count, acc_t momentum) {
+  if (count <= 0) return;
+  const acc_t unbiased = count > 1 ? var * count / (count - 1) : var;
+  running_mean = running_mean * (acc_t(1) - momentum) + mean * momentum;
+  running_var = running_var * (acc_t(1) - momentum) + unbiased * momentum;
+}
+
 // Normalisation and affine folded into y_pre = x * scale + shift.
 template <typename acc_t>
 struct ScaleShift {

@@ -122,8 +122,10 @@ def select_route(masks: torch.Tensor, task, batch_size: int, device: torch.devic
     """The channels each sample is routed through: bool ``[C]`` for one task per batch,
     ``[N, C]`` for a per-sample task tensor. Checks the task against ``masks``."""
     task = check_task_ids(task, masks.shape[0], batch_size, device)
-    if isinstance(task, int) or task.dim() == 0:
+    if isinstance(task, int):
         return masks[task]
+    if task.dim() == 0:  # index_select, not masks[task]: inductor cannot compile a 0-d index
+        return masks.index_select(0, task.reshape(1).to(masks.device)).squeeze(0)
     if task.device != masks.device:
         raise ValueError(f"task is on {task.device} but masks are on {masks.device}")
     return masks.index_select(0, task)

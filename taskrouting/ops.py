@@ -55,6 +55,10 @@ SCHEMAS = {
 
 FAMILIES = {"native": "", "triton": "triton_"}
 
+# Shared by every backend: the running-stat update, in place, compiled for CPU and CUDA.
+UPDATE_SCHEMA = ("update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
+                 "Tensor var, Tensor count, float momentum) -> ()")
+
 
 def stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -138,11 +142,24 @@ def _define_family(prefix: str) -> None:
 
 for _prefix in FAMILIES.values():
     _define_family(_prefix)
+_LIB.define(UPDATE_SCHEMA)
+torch.library.register_fake("taskrouting::update_running_stats", lambda *args: None, lib=_LIB)
 
 _extension.load()  # the compiled kernels register themselves against the schemas above
 # Looked up once: dispatcher queries are not traceable by torch.compile.
 NATIVE_KERNELS = {device_type: _extension.has_kernel("bn_relu_route", torch.device(device_type))
                   for device_type in ("cpu", "cuda")}
+NATIVE_UPDATE = {device_type: _extension.has_kernel("update_running_stats", torch.device(device_type))
+                 for device_type in ("cpu", "cuda")}
+
+
+def _update_running_stats(running_mean, running_var, mean, var, count, momentum: float) -> None:
+    """One compiled kernel where there is one (a handful of tiny eager ops cost ~25 µs), else PyTorch."""
+    if NATIVE_UPDATE.get(running_mean.device.type, False) and running_mean.is_contiguous() \
+            and running_var.is_contiguous():
+        torch.ops.taskrouting.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    else:
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
@@ -333,7 +350,7 @@ def bn_relu_route_on(x, route, weight, bias, running_mean, running_var, training
     y, mean, _, var, count = forward(x, route, weight, bias, running_mean, running_var, training,
                                      float(eps), routed, track and not routed)
     if track:
-        update_running_stats(running_mean, running_var, mean, var, count, float(momentum))
+        _update_running_stats(running_mean, running_var, mean, var, count, float(momentum))
     return y
 
 

@@ -173,6 +173,19 @@ def test_combine_stats_merges_split_batches():
     torch.testing.assert_close(merged, whole)
 
 
+def test_compiled_running_stat_update_matches_pytorch():
+    from taskrouting.reference import update_running_stats
+    mean, var = torch.randn(6), torch.rand(6)
+    count = torch.tensor([0.0, 1.0, 2.0, 7.0, 100.0, 3.0])
+    expected = (torch.randn(6), torch.rand(6) + 0.5)
+    got = tuple(t.clone() for t in expected)
+    update_running_stats(*expected, mean, var, count, 0.3)
+    torch.ops.taskrouting.update_running_stats(*got, mean, var, count, 0.3)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match=r"count must have shape \[6\]"):
+        torch.ops.taskrouting.update_running_stats(*got, mean, var, count[:3], 0.3)
+
+
 def _opcheck_cases():
     case = make_case((3, 4, 3, 2), per_sample=True)
     x, route, w, b = case["x"], case["masks"][case["task"]], case["weight"], case["bias"]
@@ -188,6 +201,7 @@ def _opcheck_cases():
         ("normalize_relu_route", (x, route, mean, invstd, w, None)),
         ("backward_reduce", (dy, x, route, mean, invstd, w, b)),
         ("backward_apply", (dy, x, route, mean, invstd, w, b, mean, invstd, count, True, False)),
+        ("update_running_stats", (rm.clone(), rv.clone(), mean, invstd, count, 0.1)),
     ]
 
 

@@ -30,6 +30,12 @@ template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
 constexpr int64_t kBlock = 2048;  // elements per two-pass block (8 KiB of float)
+constexpr int64_t kMinTaskWork = 32768;  // elements per thread below which waking threads costs more
+
+// parallel_for grain: enough items that each thread gets kMinTaskWork elements.
+int64_t grain_for(int64_t elements_per_item) {
+  return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(elements_per_item, 1));
+}
 
 // A block of x as acc_t: float32/float64 data is used in place, reduced types are converted.
 template <typename scalar_t, typename acc_t>
@@ -273,7 +279,7 @@ void rows_stats(const scalar_t* x, Shape sh, Route r, bool routed, const std::ve
   const RowBlocks rb(sh);
   const int64_t C = sh.c;
   std::vector<ChannelPartials<acc_t>> partials(at::get_num_threads(), ChannelPartials<acc_t>(C));
-  at::parallel_for(0, sh.n * rb.blocks_per_sample, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, sh.n * rb.blocks_per_sample, grain_for(rb.rows_per_block * C), [&](int64_t begin, int64_t end) {
     ChannelPartials<acc_t>& p = partials[at::get_thread_num()];
     std::vector<acc_t> buf(rb.rows_per_block * C), sum(C), sq(C);
     for (int64_t u = begin; u < end; ++u) {
@@ -311,7 +317,7 @@ template <typename scalar_t, typename acc_t>
 void rows_apply(const scalar_t* x, scalar_t* y, Shape sh, Route r, const acc_t* scale, const acc_t* shift) {
   const int64_t C = sh.c;
   const std::vector<acc_t> keep = route_values<acc_t>(r, sh.n, C);
-  at::parallel_for(0, sh.n * sh.s, std::max<int64_t>(1, kBlock / C), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, sh.n * sh.s, grain_for(C), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(C), obuf(C);
     for (int64_t m = begin; m < end; ++m) {
       const acc_t* k = keep.data() + (r.per_sample ? (m / sh.s) * C : 0);
@@ -352,7 +358,7 @@ void rows_grad_sums(const scalar_t* x, const scalar_t* dy, Shape sh, Route r, co
   const RowGrad<acc_t> grad{scale, shift};
   std::vector<std::vector<double>> partial(at::get_num_threads(), std::vector<double>(2 * C, 0.0));
   const RowBlocks rb(sh);
-  at::parallel_for(0, sh.n * rb.blocks_per_sample, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, sh.n * rb.blocks_per_sample, grain_for(rb.rows_per_block * C), [&](int64_t begin, int64_t end) {
     std::vector<double>& p = partial[at::get_thread_num()];
     std::vector<acc_t> buf(C), dbuf(C), sg(C), sgx(C);
     for (int64_t u = begin; u < end; ++u) {
@@ -402,7 +408,7 @@ void rows_grad_apply(const scalar_t* x, const scalar_t* dy, scalar_t* dx, Shape 
   for (int64_t c = 0; c < C; ++c)
     kd[c] = k[c].dy_coef, kx[c] = k[c].x_coef, kb[c] = k[c].bias_coef, live[c] = used[c] ? acc_t(1) : acc_t(0);
   const RowGrad<acc_t> grad{scale, shift};
-  at::parallel_for(0, sh.n * sh.s, std::max<int64_t>(1, kBlock / C), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, sh.n * sh.s, grain_for(C), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(C), dbuf(C), obuf(C);
     const Vec<acc_t> zero(acc_t(0));
     for (int64_t m = begin; m < end; ++m) {
@@ -463,7 +469,7 @@ void compute_stats(const Prepared& p, bool routed, bool all_channels, StatsOut<a
     rows_stats<scalar_t, acc_t>(x, p.sh, p.r, routed, p.used, all_channels, out);
     return;
   }
-  at::parallel_for(0, p.sh.c, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, p.sh.c, grain_for(p.sh.n * p.sh.s), [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> buf(kBlock);
     for (int64_t c = c0; c < c1; ++c) {
       Welford<acc_t> w;
@@ -504,7 +510,7 @@ void apply_forward(const Prepared& p, Tensor& y, const Tensor& mean, const Tenso
     rows_apply<scalar_t, acc_t>(x, out, p.sh, p.r, scale.data(), shift.data());
     return;
   }
-  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, grain_for(p.sh.n * p.sh.s), [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> buf(kBlock), obuf(kBlock);
     for (int64_t c = c0; c < c1; ++c)
       plane_apply(x, out, p.sh, c, p.r, p.used[c], ScaleShift<acc_t>{scale[c], shift[c]}, buf.data(), obuf.data());
@@ -555,7 +561,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_relu_route_cpu(
       scalar_t* out = y.data_ptr<scalar_t>();
       acc_t *v = var.data_ptr<acc_t>(), *cnt = count.data_ptr<acc_t>();
       const acc_t *wp = w.data_ptr<acc_t>(), *bp = b.data_ptr<acc_t>();
-      at::parallel_for(0, p.sh.c, 1, [&](int64_t c0, int64_t c1) {
+      at::parallel_for(0, p.sh.c, grain_for(p.sh.n * p.sh.s), [&](int64_t c0, int64_t c1) {
         std::vector<acc_t> buf(kBlock), obuf(kBlock);
         for (int64_t c = c0; c < c1; ++c) {
           Welford<acc_t> st;
@@ -585,7 +591,7 @@ void reduce_grads(const Prepared& p, const Tensor& dy, const Tensor& mean, const
     rows_grad_sums<scalar_t, acc_t>(x, d, p.sh, p.r, sc, sh, m, sg, sgx);
     return;
   }
-  at::parallel_for(0, p.sh.c, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, p.sh.c, grain_for(p.sh.n * p.sh.s), [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> buf(kBlock), dbuf(kBlock);
     for (int64_t c = c0; c < c1; ++c) {
       acc_t sums[2] = {0, 0};
@@ -606,7 +612,7 @@ void apply_grads(const Prepared& p, const Tensor& dy, Tensor& dx, const Tensor& 
     rows_grad_apply<scalar_t, acc_t>(x, d, out, p.sh, p.r, p.used, routed_stats || !training, sc, sh, k);
     return;
   }
-  at::parallel_for(0, p.sh.c, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, p.sh.c, grain_for(p.sh.n * p.sh.s), [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> buf(kBlock), dbuf(kBlock), obuf(kBlock);
     for (int64_t c = c0; c < c1; ++c)
       plane_grad_apply(x, d, out, p.sh, c, p.r, p.used[c], training, routed_stats, ScaleShift<acc_t>{sc[c], sh[c]},
@@ -708,9 +714,26 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_route_backward_cpu(
   return {dx, param_grad(weight, sum_dy_xmu * in.invstd, output_mask[1]), param_grad(bias, sum_dy, output_mask[2])};
 }
 
+void update_running_stats_cpu(Tensor& running_mean, Tensor& running_var, const Tensor& mean_in,
+                              const Tensor& var_in, const Tensor& count_in, double momentum) {
+  check_running_update(running_mean, running_var, mean_in, var_in, count_in);
+  const Tensor mean = mean_in.to(at::kDouble), var = var_in.to(at::kDouble), count = count_in.to(at::kDouble);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(), "update_running_stats_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t *rm = running_mean.data_ptr<scalar_t>(), *rv = running_var.data_ptr<scalar_t>();
+    const double *m = mean.data_ptr<double>(), *v = var.data_ptr<double>(), *n = count.data_ptr<double>();
+    for (int64_t c = 0; c < running_mean.numel(); ++c) {
+      acc_t r_mean = rm[c], r_var = rv[c];
+      update_running<acc_t>(r_mean, r_var, acc_t(m[c]), acc_t(v[c]), acc_t(n[c]), acc_t(momentum));
+      rm[c] = scalar_t(r_mean), rv[c] = scalar_t(r_var);
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(taskrouting, CPU, m) {
+  m.impl("update_running_stats", &update_running_stats_cpu);
   m.impl("bn_relu_route", &bn_relu_route_cpu);
   m.impl("bn_relu_route_backward", &bn_relu_route_backward_cpu);
   m.impl("channel_stats", &channel_stats_cpu);
