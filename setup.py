@@ -67,11 +67,12 @@ def nvidia_include_dirs() -> list:
 
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-std=c++17"] + cpu_isa_flags()
+    # No -std: torch's cpp_extension adds the one its headers need (C++17 up to 2.13, C++20 from 2.14).
+    cxx = ["-O3", "-fopenmp"] + cpu_isa_flags()
     kwargs = dict(include_dirs=[os.path.join(HERE, "csrc")], extra_link_args=["-fopenmp"])
     if want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         return cpp_extension.CUDAExtension(
             "taskrouting._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             **{**kwargs, "include_dirs": kwargs["include_dirs"] + nvidia_include_dirs()})

@@ -104,4 +104,17 @@ struct Route {
   }
 };
 
+// Which channels get batch statistics in training: those some sample uses (`used`) and, with
+// batch statistics, every channel when asked (to update all running stats as nn.BatchNorm does).
+TR_HOST_DEVICE bool wants_stats(bool used, bool routed, bool all_channels) {
+  return used || (!routed && all_channels);
+}
+
+// Whether grad_x at (sample n, channel c) may be nonzero (else it is 0 and x is not read):
+// the channel is used and either n goes through it, or (training with batch statistics) x[n, c]
+// entered the mean and variance of the samples that do.
+TR_HOST_DEVICE bool grad_reaches(bool used, bool through, bool training, bool routed_stats) {
+  return used && (through || (training && !routed_stats));
+}
+
 }  // namespace taskrouting

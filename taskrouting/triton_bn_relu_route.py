@@ -24,6 +24,13 @@ Launch plan (per op call; all launches of one op go to the current stream):
   apply kernel of the next launch merges them itself (Chan's formula in fp32) -- forward
   training = 2 launches (stats, normalize), backward training = 2 (reduce, apply); eval forward
   = 1 launch; eval backward = 1 (+1 tiny merge when P > 1 and weight/bias grads are needed).
+  Batch statistics without running stats on a per-sample route add one tiny ``route.any(0)``.
+
+HBM traffic (x-sized passes; masked (sample, channel) planes are neither read nor, except
+for the zeros of y / grad_x, written): one-pass forward 1 read + 1 write, split forward 2 reads
++ 1 write, eval forward 1 + 1; one-pass backward 2 reads (x, grad_y) + 1 write, split training
+backward 4 reads + 1 write, eval backward 2 + 1. Per-channel statistics and partials are
+``O(P·C)`` floats.
 
 The ``Config`` objects (``COMPILED``, ``INTERPRETED``) may be changed at run time, e.g. by the
 tests to force the split path with several chunks.
@@ -50,7 +57,7 @@ _F32 = torch.float32
 @dataclass
 class Config:
     """Launch heuristics (no autotuning: the same plan under the interpreter and on a GPU)."""
-    tile: int = 4096        # elements of one loop-iteration tile in the split kernels
+    tile: int = 2048        # elements of one loop-iteration tile in the split kernels
     fuse_max: int = 8192    # largest single register tile (whole channel block) of the one-pass path
     block_c: int = 64       # channels per program in channels_last
     min_block_c: int = 8    # channels_last one-pass needs at least this many channels per row run
@@ -60,7 +67,7 @@ class Config:
 
 
 COMPILED = Config()
-INTERPRETED = Config(programs=1, fuse_max=16384)  # each interpreted program costs ~ms: few, large
+INTERPRETED = Config(tile=4096, programs=1, fuse_max=16384)  # each interpreted program costs ~ms: few, large
 
 
 def _interpret(device: torch.device) -> bool:
@@ -84,8 +91,10 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _warps(elems: int) -> int:
-    return 4 if elems <= 1024 else 8 if elems <= 4096 else 16
+def _warps(elems: int, per_thread: int) -> int:
+    """num_warps giving about ``per_thread`` elements per thread (sm_90 cubins checked: no spills,
+    <= ~100 registers, for the split tiles at 8 and the one-pass tiles up to 8192 at 16)."""
+    return max(4, min(16, elems // (32 * per_thread)))
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -130,7 +139,7 @@ class _Problem:
         if x.dtype not in _DTYPES:
             raise TypeError(f"{op}: the Triton kernels take float32, float16 or bfloat16 x, got {x.dtype}")
         if x.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"{op}: x must be a cuda tensor (or cpu under TRITON_INTERPRET=1), got {x.device}")
+            raise ValueError(f"{op}: x must be a cuda tensor (or cpu, interpreted), got {x.device}")
         self.device = x.device
         self.N, self.C = int(x.shape[0]), int(x.shape[1])
         self.HW = math.prod(int(s) for s in x.shape[2:])
@@ -157,13 +166,14 @@ class _Problem:
         self.k = kernels(self.interpret) if not self.empty else None
 
     # ------------------------------------------------------------------ helpers
-    def param(self, t, name: str, dtype_any: bool = True):
+    def param(self, t, name: str):
         if t is None:
             return None
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
         if tuple(t.shape) != (self.C,):
-            raise ValueError(f"{name} must have shape [{self.C}] (one value per channel), got {tuple(t.shape)}")
+            raise ValueError(f"{name} must have shape [{self.C}] (one value per channel), "
+                             f"got {tuple(t.shape)}")
         if t.device != self.device:
             raise ValueError(f"{name} is on {t.device} but x is on {self.device}")
         if not t.dtype.is_floating_point or t.dtype == torch.float64:
@@ -214,7 +224,7 @@ class _Problem:
         else:
             BC = 1
         CB = _cdiv(self.C, BC)
-        return _Plan(BN, BP, BC, 1, 1, 1, 1, CB, self._big(BN, BP), _warps(BN * BP * BC))
+        return _Plan(BN, BP, BC, 1, 1, 1, 1, CB, self._big(BN, BP), _warps(BN * BP * BC, 16))
 
     def split_plan(self) -> _Plan:
         cfg = self.cfg
@@ -235,10 +245,10 @@ class _Problem:
         TPC = _cdiv(T, P)
         P = _cdiv(T, TPC)
         block_pp = min(_pow2(P), cfg.block_pp, max(1, cfg.tile // BC))
-        return _Plan(BN, BP, BC, Tp, T, TPC, P, CB, self._big(BN, BP), _warps(BN * BP * BC), block_pp)
+        return _Plan(BN, BP, BC, Tp, T, TPC, P, CB, self._big(BN, BP), _warps(BN * BP * BC, 8), block_pp)
 
     def launch(self, kernel, grid, *args, **kwargs):
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not self.interpret:
             with torch.cuda.device(self.device):
                 kernel[grid](*args, **kwargs)
         else:
@@ -285,7 +295,8 @@ def bn_relu_route(x, route, weight, bias, running_mean, running_var, training, e
     y, yk = p.output()
     if p.empty:
         if training:
-            mean.zero_(), var.zero_(), count.zero_()
+            for t in (mean, var, count):
+                t.zero_()
             invstd.copy_(torch.full_like(invstd, eps).rsqrt_())
         else:
             mean.copy_(running_mean)
@@ -399,7 +410,8 @@ def bn_relu_route_backward(grad_y, x, route, weight, bias, mean, invstd, count, 
     gw = torch.empty_like(weight) if need_gw else x.new_empty(0)
     gb = torch.empty_like(bias) if need_gb else x.new_empty(0)
     if p.empty or not (need_gx or need_gw or need_gb):
-        gw.zero_(), gb.zero_()
+        gw.zero_()
+        gb.zero_()
         return gx_out, gw, gb
     dyk = p.like_x(grad_y, "grad_y")
     w = weight if weight is not None else mean

@@ -19,6 +19,11 @@ CPU tensors always need the interpreter. So the kernels are not used through a p
 accordingly while they are decorated. Relative imports inside them (``from .stats import ...``)
 then resolve within the same copy, so compiled kernels only ever call compiled helpers and
 interpreted kernels interpreted ones.
+
+Triton's own library functions written in Triton (``tl.sum``, ``tl.max``, ``tl.zeros``) are
+decorated once, at ``import triton``, in whatever mode ``TRITON_INTERPRET`` said then (torch
+itself may import triton first), so the kernels do not call them: they use builtins and
+their own reductions (``stats.SUM`` / ``MAX`` / ``sum2``), decorated with each copy.
 """
 from __future__ import annotations
 
@@ -62,6 +67,10 @@ def kernels(interpret: bool) -> types.SimpleNamespace:
                 os.environ.pop("TRITON_INTERPRET", None)
             else:
                 os.environ["TRITON_INTERPRET"] = old
+        if mods["stats"].INTERPRETED != interpret:
+            raise RuntimeError(f"taskrouting: could not build the {'interpreted' if interpret else 'compiled'} "
+                               f"Triton kernels (is triton.knobs.runtime.interpret set explicitly?)")
         ns = types.SimpleNamespace(interpret=interpret, **mods)
         _loaded[interpret] = ns
         return ns
+

@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .stats import load_channel, load_route, tile_offsets
+from .stats import MAX, SUM, load_channel, load_route, sum2, tile_offsets
 
 
 @triton.jit
@@ -37,13 +37,15 @@ def merge_sum_partials(ws_ptr, P, C, c, cmask, BC: tl.constexpr, BLOCK_PP: tl.co
     j = tl.arange(0, BLOCK_PP)[:, None]
     cc = c[None, :]
     cm = cmask[None, :]
-    s1 = tl.zeros([BC], tl.float32)
-    s2 = tl.zeros([BC], tl.float32)
-    for j0 in range(0, P, BLOCK_PP):
+    s1 = tl.full([BC], 0.0, tl.float32)
+    s2 = tl.full([BC], 0.0, tl.float32)
+    j0 = 0
+    while j0 < P:  # a while loop: see the stats.py docstring
         m = (j0 + j < P) & cm
         o = (j0 + j) * C + cc
-        s1 += tl.sum(tl.load(ws_ptr + o, mask=m, other=0.0), 0)
-        s2 += tl.sum(tl.load(ws_ptr + P * C + o, mask=m, other=0.0), 0)
+        s1 += tl.reduce(tl.load(ws_ptr + o, mask=m, other=0.0), 0, SUM)
+        s2 += tl.reduce(tl.load(ws_ptr + P * C + o, mask=m, other=0.0), 0, SUM)
+        j0 += BLOCK_PP
     return s1, s2
 
 
@@ -84,11 +86,15 @@ def backward_reduce_kernel(
     mean3 = mean[None, None, :]
     scale3 = (invstd * w)[None, None, :]
     b3 = b[None, None, :]
-    acc_dy = tl.zeros([BN, BP, BC], tl.float32)
-    acc_dyxmu = tl.zeros([BN, BP, BC], tl.float32)
+    acc_dy = tl.full([BN, BP, BC], 0.0, tl.float32)
+    acc_dyxmu = tl.full([BN, BP, BC], 0.0, tl.float32)
     t0 = pid_j * TPC
     t1 = tl.minimum(t0 + TPC, T)
-    for t in range(t0, t1):
+    if not ROUTE_2D and not EVAL_GX:  # a block of channels masked for the whole batch: no work
+        routed = tl.load(route_ptr + c, mask=cmask, other=0).to(tl.int32)
+        t1 = tl.where(tl.reduce(routed, 0, MAX) > 0, t1, t0)
+    t = t0
+    while t < t1:  # a while loop: see the stats.py docstring
         off, valid, n3, c3 = tile_offsets(t, Tp, N, C, HW, c0, CL, BN, BP, BC, BIG)
         m = valid & load_route(route_ptr, route_sn, n3, c3, N, C, ROUTE_2D)
         xmu = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - mean3
@@ -98,8 +104,9 @@ def backward_reduce_kernel(
         acc_dyxmu += tl.where(m, g * xmu, 0.0)
         if EVAL_GX:
             tl.store(gx_ptr + off, tl.where(m, g * scale3, 0.0), mask=valid)
-    sum_dy = tl.sum(tl.sum(acc_dy, 0), 0)
-    sum_dy_xmu = tl.sum(tl.sum(acc_dyxmu, 0), 0)
+        t += 1
+    sum_dy = sum2(acc_dy)
+    sum_dy_xmu = sum2(acc_dyxmu)
     if FINAL:
         store_sums(sum_dy, sum_dy_xmu, invstd, c, cmask, sum_dy_ptr, sum_dy_xmu_ptr, gw_ptr, gb_ptr,
                    WRITE_SUMS, WRITE_GW, WRITE_GB)
@@ -164,7 +171,8 @@ def backward_apply_kernel(
     b3 = b[None, None, :]
     t0 = pid_j * TPC
     t1 = tl.minimum(t0 + TPC, T)
-    for t in range(t0, t1):
+    t = t0
+    while t < t1:  # a while loop: see the stats.py docstring
         off, valid, n3, c3 = tile_offsets(t, Tp, N, C, HW, c0, CL, BN, BP, BC, BIG)
         m = valid & load_route(route_ptr, route_sn, n3, c3, N, C, ROUTE_2D)
         if TRAINING and not ROUTED:
@@ -179,6 +187,7 @@ def backward_apply_kernel(
         else:
             gx = tl.where(m, g * scale3, 0.0)
         tl.store(gx_ptr + off, gx, mask=valid)
+        t += 1
 
 
 @triton.jit
@@ -205,7 +214,7 @@ def fused_backward_kernel(
     m = valid & r
     if TRAINING and WRITE_GX and not ROUTED:
         if ROUTE_2D:
-            mx = valid & (tl.max(r.to(tl.int32), 0, keep_dims=True) != 0)
+            mx = valid & (tl.reduce(r.to(tl.int32), 0, MAX, keep_dims=True) != 0)
         else:
             mx = m
     else:
@@ -213,8 +222,8 @@ def fused_backward_kernel(
     xmu = tl.load(x_ptr + off, mask=mx, other=0.0).to(tl.float32) - mean[None, None, :]
     dyv = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
     g = tl.where(m & (xmu * scale3 + b[None, None, :] > 0.0), dyv, 0.0)
-    sum_dy = tl.sum(tl.sum(g, 0), 0)
-    sum_dy_xmu = tl.sum(tl.sum(tl.where(m, g * xmu, 0.0), 0), 0)
+    sum_dy = sum2(g)
+    sum_dy_xmu = sum2(tl.where(m, g * xmu, 0.0))
     store_sums(sum_dy, sum_dy_xmu, invstd, c, cmask, gw_ptr, gw_ptr, gw_ptr, gb_ptr,
                False, WRITE_GW, WRITE_GB)
     if WRITE_GX:

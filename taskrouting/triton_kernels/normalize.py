@@ -16,7 +16,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .stats import load_channel, load_route, merge_stats_partials, relu_keep_nan, tile_offsets
+from .stats import (MAX, load_channel, load_route, merge_stats_partials, relu_keep_nan, sum2,
+                    tile_offsets)
 
 
 @triton.jit
@@ -64,12 +65,14 @@ def normalize_kernel(
     b3 = b[None, None, :]
     t0 = pid_j * TPC
     t1 = tl.minimum(t0 + TPC, T)
-    for t in range(t0, t1):
+    t = t0
+    while t < t1:  # a while loop: see the stats.py docstring
         off, valid, n3, c3 = tile_offsets(t, Tp, N, C, HW, c0, CL, BN, BP, BC, BIG)
         m = valid & load_route(route_ptr, route_sn, n3, c3, N, C, ROUTE_2D)
         xv = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
         yv = relu_keep_nan((xv - mean3) * scale3 + b3)
         tl.store(y_ptr + off, tl.where(m, yv, 0.0), mask=valid)
+        t += 1
 
 
 @triton.jit
@@ -94,17 +97,17 @@ def fused_forward_kernel(
         sel = valid & r
     elif SKIP_UNUSED:
         if ROUTE_2D:
-            sel = valid & (tl.max(r.to(tl.int32), 0, keep_dims=True) != 0)
+            sel = valid & (tl.reduce(r.to(tl.int32), 0, MAX, keep_dims=True) != 0)
         else:
             sel = valid & r
     else:
         sel = valid
     xv = tl.load(x_ptr + off, mask=sel, other=0.0).to(tl.float32)
-    cnt = tl.sum(tl.sum(sel.to(tl.float32), 0), 0)
+    cnt = sum2(sel.to(tl.float32))
     safe = tl.maximum(cnt, 1.0)
-    mean = tl.sum(tl.sum(xv, 0), 0) / safe
+    mean = sum2(xv) / safe
     d = tl.where(sel, xv - mean[None, None, :], 0.0)
-    var = tl.sum(tl.sum(d * d, 0), 0) / safe
+    var = sum2(d * d) / safe
     invstd = tl.rsqrt(var + eps)
     tl.store(mean_ptr + c, mean, mask=cmask)
     tl.store(invstd_ptr + c, invstd, mask=cmask)

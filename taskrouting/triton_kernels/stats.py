@@ -23,6 +23,9 @@ Chunks of a channel are merged in fp32 by :func:`merge_stats_partials` from a wo
 ``ws[3, P, C]`` (count, mean, M2) with the exact two-step form
 ``mean = Σ n_i m_i / n``, ``M2 = Σ (M2_i + n_i (m_i - mean)^2)``. Never E[x²] - E[x]².
 
+Loops over runtime bounds are ``while`` loops: Triton 3.6's interpreter turns a runtime
+``range()`` bound into a 1-element array that recent NumPy (2.4 here) refuses to convert with ``int()``.
+
 Bytes moved (``channel_stats_kernel``): reads ``x`` once (only routed / used channels), writes
 ``3·P·C`` floats of partials (or ``3-4·C`` floats of final stats when ``P = 1``).
 """
@@ -30,6 +33,38 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+# ----------------------------------------------------------------------------- reductions
+# The kernels call no function of Triton's own library written in Triton (tl.sum, tl.max,
+# tl.zeros are `@triton.jit` functions decorated once, at `import triton`, in whatever mode
+# TRITON_INTERPRET said then): only builtins and the helpers below, which are decorated with
+# this copy of the module, so they always match the mode of the kernels that call them.
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+INTERPRETED = type(_add).__name__ == "InterpretedFunction"  # the mode this copy was decorated in
+if INTERPRETED:
+    # the interpreter reduces with NumPy when it recognizes these combine functions (it never
+    # calls them), and with a slow per-element Python loop otherwise
+    SUM = tl.standard._sum_combine
+    MAX = tl.standard._elementwise_max
+else:
+    SUM = _add
+    MAX = _max
+
+
+@triton.jit
+def sum2(v):
+    """Sum of a ``[A, B, C]`` tile over its first two axes: ``[C]``."""
+    return tl.reduce(tl.reduce(v, 0, SUM), 0, SUM)
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -74,7 +109,7 @@ def load_channel(ptr, c, cmask, default, HAS: tl.constexpr, BC: tl.constexpr):
     if HAS:
         v = tl.load(ptr + c, mask=cmask, other=default).to(tl.float32)
     else:
-        v = tl.zeros([BC], tl.float32) + default
+        v = tl.full([BC], 0.0, tl.float32) + default
     return v
 
 
@@ -100,26 +135,30 @@ def merge_stats_partials(ws_ptr, P, C, c, cmask, BC: tl.constexpr, BLOCK_PP: tl.
     j = tl.arange(0, BLOCK_PP)[:, None]
     cc = c[None, :]
     cm = cmask[None, :]
-    total = tl.zeros([BC], tl.float32)
-    s = tl.zeros([BC], tl.float32)
-    for j0 in range(0, P, BLOCK_PP):
+    total = tl.full([BC], 0.0, tl.float32)
+    s = tl.full([BC], 0.0, tl.float32)
+    j0 = 0
+    while j0 < P:  # a while loop: see the stats.py docstring
         m = (j0 + j < P) & cm
         o = (j0 + j) * C + cc
         cnt = tl.load(ws_ptr + o, mask=m, other=0.0)
         mu = tl.load(ws_ptr + P * C + o, mask=m, other=0.0)
-        total += tl.sum(cnt, 0)
-        s += tl.sum(cnt * mu, 0)
+        total += tl.reduce(cnt, 0, SUM)
+        s += tl.reduce(cnt * mu, 0, SUM)
+        j0 += BLOCK_PP
     safe = tl.maximum(total, 1.0)
     mean = s / safe
-    m2 = tl.zeros([BC], tl.float32)
-    for j0 in range(0, P, BLOCK_PP):
+    m2 = tl.full([BC], 0.0, tl.float32)
+    j0 = 0
+    while j0 < P:  # a while loop: see the stats.py docstring
         m = (j0 + j < P) & cm
         o = (j0 + j) * C + cc
         cnt = tl.load(ws_ptr + o, mask=m, other=0.0)
         mu = tl.load(ws_ptr + P * C + o, mask=m, other=0.0)
         q = tl.load(ws_ptr + 2 * P * C + o, mask=m, other=0.0)
         d = mu - mean[None, :]
-        m2 += tl.sum(q + cnt * d * d, 0)
+        m2 += tl.reduce(q + cnt * d * d, 0, SUM)
+        j0 += BLOCK_PP
     return mean, m2 / safe, total
 
 
@@ -148,12 +187,13 @@ def channel_stats_kernel(
     t1 = tl.minimum(t0 + TPC, T)
     if SKIP_UNUSED:
         used = tl.load(used_ptr + c, mask=cmask, other=0) != 0
-        t1 = tl.where(tl.max(used.to(tl.int32), 0) > 0, t1, t0)
+        t1 = tl.where(tl.reduce(used.to(tl.int32), 0, MAX) > 0, t1, t0)
         used3 = used[None, None, :]
-    acc_mean = tl.zeros([BN, BP, BC], tl.float32)
-    acc_m2 = tl.zeros([BN, BP, BC], tl.float32)
-    acc_n = tl.zeros([BN, BP, BC], tl.float32)
-    for t in range(t0, t1):
+    acc_mean = tl.full([BN, BP, BC], 0.0, tl.float32)
+    acc_m2 = tl.full([BN, BP, BC], 0.0, tl.float32)
+    acc_n = tl.full([BN, BP, BC], 0.0, tl.float32)
+    t = t0
+    while t < t1:  # a while loop: see the stats.py docstring
         off, valid, n3, c3 = tile_offsets(t, Tp, N, C, HW, c0, CL, BN, BP, BC, BIG)
         sel = valid
         if ROUTED:
@@ -165,6 +205,7 @@ def channel_stats_kernel(
         d = xv - acc_mean
         acc_mean += tl.where(sel, d / tl.maximum(acc_n, 1.0), 0.0)
         acc_m2 += tl.where(sel, d * (xv - acc_mean), 0.0)
+        t += 1
     mean, m2, cnt = tl.reduce((acc_mean, acc_m2, acc_n), 0, welford_combine)
     mean, m2, cnt = tl.reduce((mean, m2, cnt), 0, welford_combine)
     if FINAL:

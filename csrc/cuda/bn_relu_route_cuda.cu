@@ -1,0 +1,260 @@
+// CUDA kernels of the fused BatchNorm + ReLU + route op (schemas: taskrouting/ops.py): the ops.
+//
+// Same semantics as csrc/cpu/bn_relu_route_cpu.cpp (argument checks, outputs in eval mode,
+// empty tensors for unrequested grads, channels that are never read). The kernels are in
+// stats.cu, forward.cu and backward.cu; bn_relu_route_cuda.cuh says how they split the work.
+//
+// Forward, training: statistics (planes_stats_kernel or rows_stats_kernel, plus
+// stats_merge_kernel when the reduction is split into chunks), which also write scale/shift;
+// then planes_apply_kernel or rows_apply_kernel. A channel of at most kFusedStashBytes whose
+// tensor has enough channels to fill the GPU takes planes_fused_forward_kernel instead: one
+// block per channel, x read once. Eval: forward_params_kernel, then the apply kernel.
+// Backward: the gradient sums (which also write the grad_x coefficients), then grad_x.
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+
+#include "bn_relu_route_cuda.cuh"
+
+namespace taskrouting {
+namespace cuda {
+
+using at::Tensor;
+
+int64_t target_blocks() {
+  static thread_local int device = -1;
+  static thread_local int64_t blocks = 0;
+  const int current = at::cuda::current_device();
+  if (current != device) {
+    device = current;
+    blocks = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 4;
+  }
+  return blocks;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+PlanesShape planes_shape(const Problem& p, int vec, bool split) {
+  PlanesShape sh;
+  const int64_t N = p.n, C = p.c, S = p.s;
+  sh.bx = std::min(kThreads, next_pow2(std::max<int64_t>(1, ceil_div(S, int64_t(vec) * kUnroll))));
+  sh.by = kThreads / sh.bx;
+  int64_t chunks = 1;
+  const int64_t target = target_blocks();
+  if (split && C < target) {  // one block per channel would leave SMs idle: split each channel
+    const int64_t min_per_block = int64_t(kThreads) * vec * kUnroll * 2;
+    chunks = std::max<int64_t>(1, std::min(ceil_div(target, C), ceil_div(N * S, min_per_block)));
+  }
+  // Samples first (whole planes), then positions within a plane (multiples of vec).
+  int64_t chunks_n = std::max<int64_t>(1, std::min(chunks, ceil_div(N, sh.by)));
+  sh.n_per = std::max<int64_t>(1, ceil_div(N, chunks_n));
+  chunks_n = std::max<int64_t>(1, ceil_div(N, sh.n_per));
+  int64_t chunks_s = std::max<int64_t>(1, std::min(chunks / chunks_n, ceil_div(S, int64_t(sh.bx) * vec * kUnroll)));
+  sh.s_per = std::max<int64_t>(vec, ceil_div(ceil_div(S, chunks_s), vec) * vec);
+  chunks_s = std::max<int64_t>(1, ceil_div(S, sh.s_per));
+  sh.chunks_s = chunks_s;
+  sh.chunks = chunks_n * chunks_s;
+  return sh;
+}
+
+RowsShape rows_shape(const Problem& p, int vec, bool split) {
+  RowsShape sh;
+  sh.bx = std::min(32, next_pow2(std::max<int64_t>(1, ceil_div(p.c, vec))));
+  sh.by = kThreads / sh.bx;
+  sh.tiles = std::max<int64_t>(1, ceil_div(p.c, int64_t(sh.bx) * vec));
+  TORCH_CHECK(sh.tiles <= kMaxGridX, "taskrouting: too many channels for the CUDA kernels: ", p.c);
+  const int64_t M = p.n * p.s;
+  int64_t chunks = 1;
+  const int64_t target = target_blocks();
+  if (split && sh.tiles < target) {
+    chunks = std::max<int64_t>(1, std::min(ceil_div(target, sh.tiles), ceil_div(M, int64_t(sh.by) * kUnroll * 2)));
+    chunks = std::min<int64_t>(chunks, kMaxGridY);
+  }
+  sh.rows_per_chunk = std::max<int64_t>(1, ceil_div(M, chunks));
+  sh.chunks = std::max<int64_t>(1, ceil_div(M, sh.rows_per_chunk));
+  return sh;
+}
+
+namespace {
+
+c10::Device cuda_device(const Tensor& x) {
+  check_input(x);
+  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got one on ", x.device());
+  return x.device();
+}
+
+}  // namespace
+
+Problem prepare(const Tensor& x_in, const Tensor& route_in) {
+  check_input(x_in);
+  check_route(route_in, x_in);
+  Problem p;
+  p.x = x_in.contiguous(layout_of(x_in));
+  p.route = route_in.contiguous();
+  p.n = p.x.size(0);
+  p.c = p.x.size(1);
+  p.s = spatial_size(p.x);
+  // With one position per sample (rank 2, or spatial dims of size 1) planes and rows coincide.
+  p.rows = is_rows_layout(p.x) || p.s == 1;
+  p.used = p.route.dim() == 2 ? p.route.any(0) : p.route;
+  p.r = Route{p.route.data_ptr<bool>(), p.c, p.route.dim() == 2};
+  return p;
+}
+
+namespace {
+
+Tensor per_channel_empty(const Tensor& x) { return at::empty({x.size(1)}, x.options().dtype(acc_type_of(x))); }
+
+std::tuple<Tensor, Tensor, Tensor> channel_stats_cuda(const Tensor& x, const Tensor& route, bool routed_stats,
+                                                      bool all_channels) {
+  const c10::cuda::CUDAGuard guard(cuda_device(x));
+  const Problem p = prepare(x, route);
+  Tensor mean = per_channel_empty(p.x), var = per_channel_empty(p.x), count = per_channel_empty(p.x);
+  launch_stats(p, routed_stats, all_channels, mean, var, count, Tensor(), Tensor(), Tensor(), Tensor(), 1.0);
+  return {mean, var, count};
+}
+
+Tensor normalize_relu_route_cuda(const Tensor& x, const Tensor& route, const Tensor& mean_in, const Tensor& invstd_in,
+                                 const std::optional<Tensor>& weight, const std::optional<Tensor>& bias) {
+  const c10::cuda::CUDAGuard guard(cuda_device(x));
+  const Problem p = prepare(x, route);
+  const Tensor mean = per_channel(mean_in, "mean", p.x), invstd = per_channel(invstd_in, "invstd", p.x);
+  const Tensor w = per_channel_or(weight, "weight", p.x, 1.0), b = per_channel_or(bias, "bias", p.x, 0.0);
+  Tensor y = at::empty_like(p.x);
+  const Tensor params = at::empty({2, p.c}, mean.options());
+  launch_forward_params(mean, invstd, w, b, params);
+  launch_forward_apply(p, y, params);
+  return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_relu_route_cuda(
+    const Tensor& x, const Tensor& route, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, bool training, double eps,
+    bool routed_stats, bool stats_all_channels) {
+  const c10::cuda::CUDAGuard guard(cuda_device(x));
+  const Problem p = prepare(x, route);
+  TORCH_CHECK_VALUE(eps > 0, "eps must be positive, got ", eps);
+  const Tensor w = per_channel_or(weight, "weight", p.x, 1.0), b = per_channel_or(bias, "bias", p.x, 0.0);
+  Tensor y = at::empty_like(p.x);
+  Tensor mean = per_channel_empty(p.x), invstd = per_channel_empty(p.x);
+  Tensor var = training ? per_channel_empty(p.x) : at::empty({0}, mean.options());
+  Tensor count = training ? per_channel_empty(p.x) : at::empty({0}, mean.options());
+  if (!training) {
+    TORCH_CHECK_VALUE(running_mean.has_value() && running_var.has_value() && running_mean->defined() &&
+                          running_var->defined(),
+                      "training=False needs running_mean and running_var");
+    mean.copy_(per_channel(*running_mean, "running_mean", p.x));
+    invstd.copy_(per_channel(*running_var, "running_var", p.x).add(eps).rsqrt());
+    const Tensor params = at::empty({2, p.c}, mean.options());
+    launch_forward_params(mean, invstd, w, b, params);
+    launch_forward_apply(p, y, params);
+    return {y, mean, invstd, var, count};
+  }
+  if (!try_fused_forward(p, y, routed_stats, stats_all_channels, mean, var, count, invstd, w, b, eps)) {
+    const Tensor params = at::empty({2, p.c}, mean.options());
+    launch_stats(p, routed_stats, stats_all_channels, mean, var, count, invstd, params, w, b, eps);
+    launch_forward_apply(p, y, params);
+  }
+  return {y, mean, invstd, var, count};
+}
+
+struct BackwardInputs {
+  Problem p;
+  Tensor dy, mean, invstd, w, b;
+};
+
+BackwardInputs prepare_backward(const Tensor& grad_y, const Tensor& x, const Tensor& route,
+                                const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                                const Tensor& mean_in, const Tensor& invstd_in) {
+  BackwardInputs in{prepare(x, route)};
+  const Tensor& xc = in.p.x;
+  TORCH_CHECK_VALUE(grad_y.sizes() == xc.sizes(), "grad_y must have the shape of x ", xc.sizes(), ", got ",
+                    grad_y.sizes());
+  check_same_device(grad_y, "grad_y", xc);
+  in.dy = grad_y.to(xc.scalar_type()).contiguous(layout_of(xc));
+  in.mean = per_channel(mean_in, "mean", xc);
+  in.invstd = per_channel(invstd_in, "invstd", xc);
+  in.w = per_channel_or(weight, "weight", xc, 1.0);
+  in.b = per_channel_or(bias, "bias", xc, 0.0);
+  return in;
+}
+
+Tensor checked_count(const Tensor& count, const Tensor& x, bool training) {
+  if (!training) return count;
+  return per_channel(count, "count", x);
+}
+
+std::tuple<Tensor, Tensor> backward_reduce_cuda(const Tensor& grad_y, const Tensor& x, const Tensor& route,
+                                                const Tensor& mean, const Tensor& invstd,
+                                                const std::optional<Tensor>& weight,
+                                                const std::optional<Tensor>& bias) {
+  const c10::cuda::CUDAGuard guard(cuda_device(x));
+  const BackwardInputs in = prepare_backward(grad_y, x, route, weight, bias, mean, invstd);
+  Tensor sum_dy = per_channel_empty(in.p.x), sum_dy_xmu = per_channel_empty(in.p.x);
+  launch_grad_reduce(in.p, in.dy, in.mean, in.invstd, in.w, in.b, sum_dy, sum_dy_xmu, Tensor(), Tensor(), false);
+  return {sum_dy, sum_dy_xmu};
+}
+
+Tensor backward_apply_cuda(const Tensor& grad_y, const Tensor& x, const Tensor& route, const Tensor& mean,
+                           const Tensor& invstd, const std::optional<Tensor>& weight,
+                           const std::optional<Tensor>& bias, const Tensor& sum_dy_in, const Tensor& sum_dy_xmu_in,
+                           const Tensor& count_in, bool training, bool routed_stats) {
+  const c10::cuda::CUDAGuard guard(cuda_device(x));
+  const BackwardInputs in = prepare_backward(grad_y, x, route, weight, bias, mean, invstd);
+  const Tensor sum_dy = per_channel(sum_dy_in, "sum_dy", in.p.x);
+  const Tensor sum_dy_xmu = per_channel(sum_dy_xmu_in, "sum_dy_xmu", in.p.x);
+  const Tensor count = checked_count(count_in, in.p.x, training);
+  Tensor dx = at::empty_like(in.p.x);
+  const Tensor params = at::empty({5, in.p.c}, in.mean.options());
+  launch_grad_params(in.mean, in.invstd, in.w, in.b, sum_dy, sum_dy_xmu, count, training, params);
+  launch_grad_apply(in.p, in.dy, dx, params, training, routed_stats);
+  return dx;
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_relu_route_backward_cuda(
+    const Tensor& grad_y, const Tensor& x, const Tensor& route, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd, const Tensor& count_in,
+    bool training, bool routed_stats, std::array<bool, 3> output_mask) {
+  const c10::cuda::CUDAGuard guard(cuda_device(x));
+  const BackwardInputs in = prepare_backward(grad_y, x, route, weight, bias, mean, invstd);
+  const Tensor count = checked_count(count_in, in.p.x, training);
+  Tensor sum_dy = at::zeros({in.p.c}, in.mean.options()), sum_dy_xmu = at::zeros_like(sum_dy);
+  Tensor dx = output_mask[0] ? at::empty_like(in.p.x) : empty_grad(in.p.x);
+  const Tensor params = output_mask[0] ? at::empty({5, in.p.c}, in.mean.options()) : Tensor();
+  if (training || output_mask[1] || output_mask[2]) {
+    launch_grad_reduce(in.p, in.dy, in.mean, in.invstd, in.w, in.b, sum_dy, sum_dy_xmu, params, count, training);
+  } else if (output_mask[0]) {
+    launch_grad_params(in.mean, in.invstd, in.w, in.b, sum_dy, sum_dy_xmu, count, training, params);
+  }
+  if (output_mask[0]) launch_grad_apply(in.p, in.dy, dx, params, training, routed_stats);
+  auto param_grad = [&](const std::optional<Tensor>& param, const Tensor& value, bool needed) {
+    if (!needed || !param.has_value() || !param->defined()) return empty_grad(in.p.x);
+    return value.to(param->scalar_type());
+  };
+  return {dx, param_grad(weight, sum_dy_xmu * in.invstd, output_mask[1]), param_grad(bias, sum_dy, output_mask[2])};
+}
+
+void update_running_stats_cuda(Tensor& running_mean, Tensor& running_var, const Tensor& mean, const Tensor& var,
+                               const Tensor& count, double momentum) {
+  check_running_update(running_mean, running_var, mean, var, count);
+  TORCH_CHECK_VALUE(running_mean.is_cuda(), "running_mean must be a CUDA tensor for the CUDA kernel, got one on ",
+                    running_mean.device());
+  const c10::cuda::CUDAGuard guard(running_mean.device());
+  launch_update_running_stats(running_mean, running_var, mean, var, count, momentum);
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(taskrouting, CUDA, m) {
+  m.impl("update_running_stats", &cuda::update_running_stats_cuda);
+  m.impl("bn_relu_route", &cuda::bn_relu_route_cuda);
+  m.impl("bn_relu_route_backward", &cuda::bn_relu_route_backward_cuda);
+  m.impl("channel_stats", &cuda::channel_stats_cuda);
+  m.impl("normalize_relu_route", &cuda::normalize_relu_route_cuda);
+  m.impl("backward_reduce", &cuda::backward_reduce_cuda);
+  m.impl("backward_apply", &cuda::backward_apply_cuda);
+}
+
+}  // namespace taskrouting

@@ -1,0 +1,334 @@
+// CUDA kernels of the fused BatchNorm + ReLU + route op: what the kernel families share.
+//
+// Files: bn_relu_route_cuda.cu (the ops: argument checks, outputs, which kernels run),
+// stats.cu (per-channel statistics, the fused one-block-per-channel forward), forward.cu
+// (normalize + ReLU + route), backward.cu (gradient sums, grad_x).
+//
+// Two layouts, as in the CPU kernels:
+//  * planes (NCHW-contiguous, rank 3-5): x[n, c, s] at (n*C + c)*S + s. Blocks are 2-D,
+//    threadIdx.x along s (coalesced, VEC elements per 128-bit load), threadIdx.y along samples.
+//  * rows (channels-last, [N, C], and any layout with S == 1): x[m, c] at m*C + c, m = n*S + s.
+//    Blocks are 2-D, threadIdx.x along C (VEC channels per thread, coalesced across C),
+//    threadIdx.y along rows.
+// Reductions over (channel, chunk): a block reduces one chunk of one channel (planes) or of a
+// tile of channels (rows); with more than one chunk the partials go to a workspace and a second
+// kernel merges them per channel, in a fixed order (results are deterministic).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cstdint>
+
+#include "../bn_relu_route_checks.h"
+#include "../bn_relu_route_math.h"
+
+namespace taskrouting {
+namespace cuda {
+
+constexpr int kThreads = 256;            // threads per block of the main kernels
+constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = 4;               // independent 128-bit loads in flight per thread
+constexpr int kMaxGridY = 65535;
+constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
+constexpr int64_t kFusedStashBytes = 40 * 1024;  // a channel this small is kept in shared memory
+
+// Elements per 128-bit access.
+template <typename T>
+constexpr int vec_size() {
+  return 16 / int(sizeof(T)) > 0 ? 16 / int(sizeof(T)) : 1;
+}
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int N, typename T>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, N>*>(p);
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
+  *reinterpret_cast<Pack<T, N>*>(p) = v;
+}
+
+template <int N, typename T>
+__device__ __forceinline__ Pack<T, N> zero_pack() {
+  Pack<T, N> z;
+#pragma unroll
+  for (int k = 0; k < N; ++k) z.v[k] = T(0);
+  return z;
+}
+
+// ---------------------------------------------------------------------------------- reductions
+// A reduced quantity: Welford (mean, m2, count) merged with Chan's formula, or plain sums.
+template <typename acc_t>
+struct WelfordOp {
+  using T = Welford<acc_t>;
+  static __device__ __forceinline__ T zero() { return T{}; }
+  static __device__ __forceinline__ T shfl_down(const T& v, int offset) {
+    T r;
+    r.mean = __shfl_down_sync(0xffffffffu, v.mean, offset);
+    r.m2 = __shfl_down_sync(0xffffffffu, v.m2, offset);
+    r.count = __shfl_down_sync(0xffffffffu, v.count, offset);
+    return r;
+  }
+  static __device__ __forceinline__ void merge(T& a, const T& b) { welford_merge(a, b.mean, b.m2, b.count); }
+};
+
+// Sums of g and g * (x - mean) for the backward pass.
+template <typename acc_t>
+struct GradSums {
+  acc_t g;
+  acc_t gx;
+};
+
+template <typename acc_t>
+struct SumsOp {
+  using T = GradSums<acc_t>;
+  static __device__ __forceinline__ T zero() { return T{acc_t(0), acc_t(0)}; }
+  static __device__ __forceinline__ T shfl_down(const T& v, int offset) {
+    return T{__shfl_down_sync(0xffffffffu, v.g, offset), __shfl_down_sync(0xffffffffu, v.gx, offset)};
+  }
+  static __device__ __forceinline__ void merge(T& a, const T& b) {
+    a.g += b.g;
+    a.gx += b.gx;
+  }
+};
+
+__device__ __forceinline__ int linear_tid() { return threadIdx.y * blockDim.x + threadIdx.x; }
+
+// Tree over the lanes of a warp (shuffle down, offsets 16 .. min_offset): lane l < min_offset
+// ends with the merge of lanes l, l + min_offset, l + 2*min_offset, ...
+template <typename Op>
+__device__ __forceinline__ typename Op::T warp_reduce(typename Op::T v, int min_offset = 1) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    if (offset < min_offset) break;
+    Op::merge(v, Op::shfl_down(v, offset));
+  }
+  return v;
+}
+
+// Every thread of the block (kThreads, any 2-D shape) holds one value of the same quantity;
+// the merge of all of them ends in thread 0. `sm` holds kWarps values. Safe to call in a loop.
+template <typename Op>
+__device__ typename Op::T block_reduce(typename Op::T v, typename Op::T* sm) {
+  const int tid = linear_tid(), lane = tid & 31, warp = tid >> 5;
+  v = warp_reduce<Op>(v);
+  __syncthreads();  // sm may still be read by a previous call
+  if (lane == 0) sm[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? sm[lane] : Op::zero();
+    v = warp_reduce<Op>(v);
+  }
+  return v;
+}
+
+// Rows layout: threads with the same threadIdx.x hold VEC values each of the same VEC channels.
+// Returns, in thread t < blockDim.x * VEC, the merge over threadIdx.y of channel slot t
+// (slot t = threadIdx.x * VEC + k of the block's channel tile). blockDim.x is a power of 2 <= 32.
+// `sm` holds kWarps * 32 * VEC values.
+template <typename Op, int VEC>
+__device__ typename Op::T rows_block_reduce(typename Op::T (&v)[VEC], typename Op::T* sm) {
+  const int bx = blockDim.x, tid = linear_tid(), lane = tid & 31, warp = tid >> 5;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) v[k] = warp_reduce<Op>(v[k], bx);  // lanes < bx: one per channel group
+  if (lane < bx) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sm[(warp * 32 + lane) * VEC + k] = v[k];
+  }
+  __syncthreads();
+  typename Op::T out = Op::zero();
+  if (tid < bx * VEC) {
+    const int tx = tid / VEC, k = tid % VEC;
+    for (int w = 0; w < kWarps; ++w) Op::merge(out, sm[(w * 32 + tx) * VEC + k]);
+  }
+  return out;
+}
+
+// Raw shared storage for reductions (no constructors may run on __shared__ variables).
+template <typename T, int N>
+struct SharedArray {
+  alignas(16) unsigned char bytes[sizeof(T) * N];
+  __device__ __forceinline__ T* get() { return reinterpret_cast<T*>(bytes); }
+};
+
+// ---------------------------------------------------------------------------------- outputs
+// Where a statistics reduction writes: the final per-channel values, or per-chunk partials
+// [3][C][chunks] (mean, m2, count) that stats_merge_kernel combines.
+template <typename acc_t>
+struct StatsOut {
+  acc_t* mean;
+  acc_t* var;
+  acc_t* count;
+  acc_t* invstd;       // optional
+  acc_t* scale;        // optional: scale/shift of the forward apply, from weight and bias
+  acc_t* shift;
+  const acc_t* weight;
+  const acc_t* bias;
+  double eps;
+  acc_t* partial;      // used when chunks > 1
+  int64_t channels;
+  int64_t chunks;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ void finalize_stats(const StatsOut<acc_t>& o, int64_t c, const Welford<acc_t>& w) {
+  const acc_t var = biased_var(w);
+  o.mean[c] = w.mean;
+  o.var[c] = var;
+  o.count[c] = w.count;
+  if (o.invstd != nullptr || o.scale != nullptr) {
+    const acc_t is = inv_std(var, o.eps);
+    if (o.invstd != nullptr) o.invstd[c] = is;
+    if (o.scale != nullptr) {
+      const ScaleShift<acc_t> s = scale_shift(w.mean, is, o.weight[c], o.bias[c]);
+      o.scale[c] = s.scale;
+      o.shift[c] = s.shift;
+    }
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void write_stats(const StatsOut<acc_t>& o, int64_t c, int64_t chunk,
+                                            const Welford<acc_t>& w) {
+  if (o.chunks == 1) {
+    finalize_stats(o, c, w);
+    return;
+  }
+  const int64_t plane = o.channels * o.chunks, i = c * o.chunks + chunk;
+  o.partial[i] = w.mean;
+  o.partial[plane + i] = w.m2;
+  o.partial[2 * plane + i] = w.count;
+}
+
+// Per-channel parameters of the element-wise kernels: forward [2][C] (scale, shift), backward
+// [5][C] (scale, shift, dy_coef, x_coef, bias_coef), all in the accumulation type.
+template <typename acc_t>
+struct GradOut {
+  acc_t* sum_dy;
+  acc_t* sum_dy_xmu;
+  acc_t* params;        // optional [5][C]: grad_x coefficients for backward_apply
+  const acc_t* mean;
+  const acc_t* invstd;
+  const acc_t* weight;
+  const acc_t* bias;
+  const acc_t* count;   // training only
+  bool training;
+  acc_t* partial;       // [2][C][chunks] when chunks > 1
+  int64_t channels;
+  int64_t chunks;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ void write_grad_params(acc_t* params, int64_t C, int64_t c, acc_t mean, acc_t invstd,
+                                                  acc_t weight, acc_t bias, acc_t sum_dy, acc_t sum_dy_xmu,
+                                                  acc_t count, bool training) {
+  const ScaleShift<acc_t> s = scale_shift(mean, invstd, weight, bias);
+  const GradCoef<acc_t> k = grad_coef(mean, invstd, weight, sum_dy, sum_dy_xmu, count, training);
+  params[c] = s.scale;
+  params[C + c] = s.shift;
+  params[2 * C + c] = k.dy_coef;
+  params[3 * C + c] = k.x_coef;
+  params[4 * C + c] = k.bias_coef;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void finalize_grad(const GradOut<acc_t>& o, int64_t c, const GradSums<acc_t>& s) {
+  o.sum_dy[c] = s.g;
+  o.sum_dy_xmu[c] = s.gx;
+  if (o.params != nullptr)
+    write_grad_params(o.params, o.channels, c, o.mean[c], o.invstd[c], o.weight[c], o.bias[c], s.g, s.gx,
+                      o.training ? o.count[c] : acc_t(0), o.training);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void write_grad(const GradOut<acc_t>& o, int64_t c, int64_t chunk, const GradSums<acc_t>& s) {
+  if (o.chunks == 1) {
+    finalize_grad(o, c, s);
+    return;
+  }
+  const int64_t plane = o.channels * o.chunks, i = c * o.chunks + chunk;
+  o.partial[i] = s.g;
+  o.partial[plane + i] = s.gx;
+}
+
+// ---------------------------------------------------------------------------------- host side
+// x and route as the kernels read them, checked, on x's device (callers hold a CUDAGuard).
+struct Problem {
+  at::Tensor x;      // contiguous in its own layout
+  at::Tensor route;  // contiguous bool [C] or [N, C]
+  at::Tensor used;   // bool [C]: some sample of the batch goes through the channel
+  int64_t n = 0, c = 0, s = 0;
+  bool rows = false;
+  Route r{nullptr, 0, false};
+  int64_t numel() const { return n * c * s; }
+};
+
+Problem prepare(const at::Tensor& x, const at::Tensor& route);
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int next_pow2(int64_t v) {
+  int p = 1;
+  while (p < v && p < (1 << 30)) p <<= 1;
+  return p;
+}
+
+// Blocks that keep every SM busy with enough loads in flight to saturate memory bandwidth.
+int64_t target_blocks();
+
+bool aligned16(const void* p);
+
+// Launch shapes (see the .cu files for the kernels that use them).
+struct PlanesShape {  // reductions over planes: grid (chunks, channels), block (bx, by)
+  int bx = 1, by = kThreads;
+  int64_t n_per = 1, s_per = 1, chunks_s = 1, chunks = 1;
+};
+PlanesShape planes_shape(const Problem& p, int vec, bool split);
+
+struct RowsShape {  // reductions over rows: grid (channel tiles, chunks), block (bx, by)
+  int bx = 1, by = kThreads;
+  int64_t tiles = 1, rows_per_chunk = 1, chunks = 1;
+};
+RowsShape rows_shape(const Problem& p, int vec, bool split);
+
+// ---- statistics (stats.cu)
+// mean/var/count [C] (acc type); invstd, scale_shift ([2][C]) optional (undefined tensors).
+void launch_stats(const Problem& p, bool routed, bool all_channels, const at::Tensor& mean, const at::Tensor& var,
+                  const at::Tensor& count, const at::Tensor& invstd, const at::Tensor& scale_shift,
+                  const at::Tensor& weight, const at::Tensor& bias, double eps);
+// One block per channel with the channel kept in shared memory; false when it does not apply.
+bool try_fused_forward(const Problem& p, const at::Tensor& y, bool routed, bool all_channels, const at::Tensor& mean,
+                       const at::Tensor& var, const at::Tensor& count, const at::Tensor& invstd,
+                       const at::Tensor& weight, const at::Tensor& bias, double eps);
+
+// ---- forward apply (forward.cu)
+void launch_forward_params(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
+                           const at::Tensor& bias, const at::Tensor& scale_shift);
+void launch_forward_apply(const Problem& p, const at::Tensor& y, const at::Tensor& scale_shift);
+void launch_update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                 const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count,
+                                 double momentum);
+
+// ---- backward (backward.cu)
+// sum_dy/sum_dy_xmu [C]; params ([5][C], optional) from count (training) for launch_grad_apply.
+void launch_grad_reduce(const Problem& p, const at::Tensor& dy, const at::Tensor& mean, const at::Tensor& invstd,
+                        const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& sum_dy,
+                        const at::Tensor& sum_dy_xmu, const at::Tensor& params, const at::Tensor& count,
+                        bool training);
+void launch_grad_params(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
+                        const at::Tensor& bias, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
+                        const at::Tensor& count, bool training, const at::Tensor& params);
+void launch_grad_apply(const Problem& p, const at::Tensor& dy, const at::Tensor& dx, const at::Tensor& params,
+                       bool training, bool routed_stats);
+
+}  // namespace cuda
+}  // namespace taskrouting

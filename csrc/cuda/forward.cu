@@ -1,0 +1,189 @@
+// Forward apply: y = route ? relu(x * scale + shift) : 0, and the running-stat update.
+// A (sample, channel) pair that is not routed is written as 0 without reading x.
+#include "bn_relu_route_cuda.cuh"
+
+namespace taskrouting {
+namespace cuda {
+namespace {
+
+// Sample of plane p = n * C + c (32-bit division where it fits).
+__device__ __forceinline__ int64_t plane_sample(int64_t p, int64_t C, bool narrow) {
+  return narrow ? int64_t(uint32_t(p) / uint32_t(C)) : p / C;
+}
+
+template <typename acc_t>
+__global__ void forward_params_kernel(int64_t C, const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
+                                      const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
+                                      acc_t* __restrict__ params) {
+  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < C; c += int64_t(gridDim.x) * blockDim.x) {
+    const ScaleShift<acc_t> s = scale_shift(mean[c], invstd[c], weight[c], bias[c]);
+    params[c] = s.scale;
+    params[C + c] = s.shift;
+  }
+}
+
+// grid (s tiles, plane groups), block (bx, by): thread (tx, ty) takes plane p (grid-strided over
+// N*C by ty) and kUnroll vectors of it per iteration, tx-strided.
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+planes_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t P, int64_t C, int64_t S,
+                    Route r, const acc_t* __restrict__ params) {
+  const bool narrow = P <= int64_t(UINT32_MAX) && C <= int64_t(UINT32_MAX);
+  const int64_t step = int64_t(blockDim.x) * VEC, span = step * kUnroll;
+  for (int64_t p = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; p < P; p += int64_t(gridDim.y) * blockDim.y) {
+    const int64_t n = plane_sample(p, C, narrow), c = p - n * C;
+    const bool on = r.at(n, c);
+    const ScaleShift<acc_t> ss = on ? ScaleShift<acc_t>{params[c], params[C + c]} : ScaleShift<acc_t>{0, 0};
+    const scalar_t* src = x + p * S;
+    scalar_t* dst = y + p * S;
+    for (int64_t s = int64_t(blockIdx.x) * span + int64_t(threadIdx.x) * VEC; s < S; s += int64_t(gridDim.x) * span) {
+      Pack<scalar_t, VEC> v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t su = s + u * step;
+        v[u] = on && su < S ? load_pack<VEC>(src + su) : zero_pack<VEC, scalar_t>();
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t su = s + u * step;
+        if (su < S) {
+          if (on) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k)
+              v[u].v[k] = static_cast<scalar_t>(relu_affine(static_cast<acc_t>(v[u].v[k]), ss));
+          }
+          store_pack<VEC>(dst + su, v[u]);
+        }
+      }
+    }
+  }
+}
+
+// grid (channel tiles, row groups), block (bx, by): thread (tx, ty) takes VEC channels and rows
+// ty, ty + stride, ... (stride = gridDim.y * by), kUnroll rows per iteration.
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+rows_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t M, int64_t C, int64_t S, Route r,
+                  const acc_t* __restrict__ params) {
+  const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  if (c0 >= C) return;  // no barrier below; with VEC > 1, C % VEC == 0
+  ScaleShift<acc_t> ss[VEC];
+  bool on_batch[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    ss[k] = ScaleShift<acc_t>{params[c0 + k], params[C + c0 + k]};
+    on_batch[k] = !r.per_sample && r.mask[c0 + k];
+  }
+  const int64_t stride = int64_t(gridDim.y) * blockDim.y;
+  for (int64_t m = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; m < M; m += stride * kUnroll) {
+    Pack<scalar_t, VEC> v[kUnroll];
+    bool on[kUnroll][VEC];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t mu = m + u * stride;
+      const int64_t n = r.per_sample && mu < M ? mu / S : 0;
+      bool any = false;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        on[u][k] = mu < M && (r.per_sample ? r.at(n, c0 + k) : on_batch[k]);
+        any |= on[u][k];
+      }
+      v[u] = any ? load_pack<VEC>(x + mu * C + c0) : zero_pack<VEC, scalar_t>();
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t mu = m + u * stride;
+      if (mu < M) {
+        Pack<scalar_t, VEC> o;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k)
+          o.v[k] = on[u][k] ? static_cast<scalar_t>(relu_affine(static_cast<acc_t>(v[u].v[k]), ss[k])) : scalar_t(0);
+        store_pack<VEC>(y + mu * C + c0, o);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void update_running_kernel(int64_t C, scalar_t* __restrict__ running_mean, scalar_t* __restrict__ running_var,
+                                      const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
+                                      const acc_t* __restrict__ count, acc_t momentum) {
+  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < C; c += int64_t(gridDim.x) * blockDim.x) {
+    acc_t rm = static_cast<acc_t>(running_mean[c]), rv = static_cast<acc_t>(running_var[c]);
+    update_running<acc_t>(rm, rv, mean[c], var[c], count[c], momentum);
+    running_mean[c] = static_cast<scalar_t>(rm);
+    running_var[c] = static_cast<scalar_t>(rv);
+  }
+}
+
+unsigned per_channel_blocks(int64_t C) { return unsigned(std::min<int64_t>(ceil_div(C, kThreads), 4096)); }
+
+template <typename scalar_t, typename acc_t, int VEC>
+void apply_impl(const Problem& p, const at::Tensor& y, const acc_t* params) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const scalar_t* x = p.x.data_ptr<scalar_t>();
+  scalar_t* out = y.data_ptr<scalar_t>();
+  if (p.rows) {
+    const RowsShape sh = rows_shape(p, VEC, /*split=*/false);
+    const int64_t M = p.n * p.s;
+    const unsigned grid_y = unsigned(std::clamp<int64_t>(ceil_div(M, int64_t(sh.by) * kUnroll), 1, kMaxGridY));
+    rows_apply_kernel<scalar_t, acc_t, VEC><<<dim3(sh.tiles, grid_y), dim3(sh.bx, sh.by), 0, stream>>>(
+        x, out, M, p.c, p.s, p.r, params);
+  } else {
+    const PlanesShape sh = planes_shape(p, VEC, /*split=*/false);
+    const int64_t P = p.n * p.c;
+    const unsigned grid_x = unsigned(std::clamp<int64_t>(ceil_div(p.s, int64_t(sh.bx) * VEC * kUnroll), 1, kMaxGridX));
+    const unsigned grid_y = unsigned(std::clamp<int64_t>(ceil_div(P, sh.by), 1, kMaxGridY));
+    planes_apply_kernel<scalar_t, acc_t, VEC><<<dim3(grid_x, grid_y), dim3(sh.bx, sh.by), 0, stream>>>(
+        x, out, P, p.c, p.s, p.r, params);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void launch_forward_params(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
+                           const at::Tensor& bias, const at::Tensor& scale_shift) {
+  const int64_t C = mean.numel();
+  if (C == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "taskrouting_forward_params_cuda", [&] {
+    forward_params_kernel<scalar_t><<<per_channel_blocks(C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        C, mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+        bias.data_ptr<scalar_t>(), scale_shift.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void launch_forward_apply(const Problem& p, const at::Tensor& y, const at::Tensor& scale_shift) {
+  if (p.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "taskrouting_forward_apply_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int V = vec_size<scalar_t>();
+    const acc_t* params = scale_shift.data_ptr<acc_t>();
+    const bool vec = aligned16(p.x.data_ptr()) && aligned16(y.data_ptr()) && (p.rows ? p.c : p.s) % V == 0;
+    if (vec)
+      apply_impl<scalar_t, acc_t, V>(p, y, params);
+    else
+      apply_impl<scalar_t, acc_t, 1>(p, y, params);
+  });
+}
+
+void launch_update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                 const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count,
+                                 double momentum) {
+  const int64_t C = running_mean.numel();
+  if (C == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(),
+                                  "taskrouting_update_running_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc = running_mean.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const at::Tensor m = mean.to(acc).contiguous(), v = var.to(acc).contiguous(), n = count.to(acc).contiguous();
+    update_running_kernel<scalar_t, acc_t><<<per_channel_blocks(C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        C, running_mean.data_ptr<scalar_t>(), running_var.data_ptr<scalar_t>(), m.data_ptr<acc_t>(),
+        v.data_ptr<acc_t>(), n.data_ptr<acc_t>(), static_cast<acc_t>(momentum));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace cuda
+}  // namespace taskrouting
