@@ -8,7 +8,8 @@ torch) imported triton first. The backend copes: ``ops.py`` offers triton for CP
 ``TRITON_INTERPRET=1`` at call time; the CPU kernels always launch the interpreted copy of the
 kernel modules (``taskrouting.triton_kernels.kernels(interpret=True)``, loaded once per mode), and
 the kernels call no ``triton.language`` function written in Triton (those are decorated at
-``import triton``), only builtins and their own reductions. ``test_interpreter_really_runs`` checks that interpreted kernels are launched, and
+``import triton``), only builtins and their own reductions. ``test_interpreter_really_runs``
+checks that interpreted kernels are launched, and
 ``test_triton_imported_before_interpret`` runs the op in a fresh process that imported triton
 (compiled mode) and the kernels before setting the variable.
 
@@ -151,7 +152,8 @@ def in_bounds(monkeypatch):
             ok |= (addr >= lo) & (addr + size <= hi)
         assert ok.all(), f"out-of-bounds {what} of {int((~ok).sum())} element(s)"
 
-    load, store = interpreter.InterpreterBuilder.create_masked_load, interpreter.InterpreterBuilder.create_masked_store
+    load = interpreter.InterpreterBuilder.create_masked_load
+    store = interpreter.InterpreterBuilder.create_masked_store
 
     def checked_load(self, ptrs, mask, *rest):
         check(ptrs, mask, "load")
@@ -611,8 +613,6 @@ def test_backward_output_mask(path):
     x, g, route, w, b = _stage_inputs((3, 4, 2, 3), False, "sample")
     tr = torch.ops.taskrouting
     _, mean, invstd, _, count = tr.triton_bn_relu_route(x, route, w, b, None, None, True, 1e-5, False, False)
-    full = tr.triton_bn_relu_route_backward(g, x, route, w, b, mean, invstd, count, True, False,
-                                            [True, True, True])
     for training in (True, False):
         full = tr.triton_bn_relu_route_backward(g, x, route, w, b, mean, invstd, count, training, False,
                                                 [True, True, True])

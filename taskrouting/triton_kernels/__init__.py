@@ -68,8 +68,9 @@ def kernels(interpret: bool) -> types.SimpleNamespace:
             else:
                 os.environ["TRITON_INTERPRET"] = old
         if mods["stats"].INTERPRETED != interpret:
-            raise RuntimeError(f"taskrouting: could not build the {'interpreted' if interpret else 'compiled'} "
-                               f"Triton kernels (is triton.knobs.runtime.interpret set explicitly?)")
+            mode = "interpreted" if interpret else "compiled"
+            raise RuntimeError(f"taskrouting: could not build the {mode} Triton kernels "
+                               f"(is triton.knobs.runtime.interpret set explicitly?)")
         ns = types.SimpleNamespace(interpret=interpret, **mods)
         _loaded[interpret] = ns
         return ns
