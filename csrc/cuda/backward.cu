@@ -76,6 +76,7 @@ template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
 rows_grad_reduce_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, int64_t M, int64_t C,
                         int64_t S, int64_t rows_per_chunk, Route r, const bool* __restrict__ used, GradOut<acc_t> out) {
+  constexpr int U = kRowUnroll<VEC>();
   __shared__ SharedArray<GradSums<acc_t>, kWarps * 32 * VEC> sm;
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   bool live[VEC];
@@ -95,11 +96,11 @@ rows_grad_reduce_kernel(const scalar_t* __restrict__ x, const scalar_t* __restri
   const int64_t m0 = int64_t(blockIdx.y) * rows_per_chunk, m1 = dmin(M, m0 + rows_per_chunk);
   const int64_t step = blockDim.y;
   if (any_live) {
-    for (int64_t m = m0 + threadIdx.y; m < m1; m += step * kUnroll) {
-      Pack<scalar_t, VEC> xv[kUnroll], dv[kUnroll];
-      bool on[kUnroll][VEC];
+    for (int64_t m = m0 + threadIdx.y; m < m1; m += step * U) {
+      Pack<scalar_t, VEC> xv[U], dv[U];
+      bool on[U][VEC];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < U; ++u) {
         const int64_t mu = m + u * step;
         const bool row = mu < m1;
         const int64_t n = r.per_sample && row ? mu / S : 0;
@@ -121,7 +122,7 @@ rows_grad_reduce_kernel(const scalar_t* __restrict__ x, const scalar_t* __restri
       for (int k = 0; k < VEC; ++k) {
         acc_t g = 0, gx = 0;
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
+        for (int u = 0; u < U; ++u) {
           const acc_t xa = static_cast<acc_t>(xv[u].v[k]), d = static_cast<acc_t>(dv[u].v[k]);
           const bool pos = on[u][k] && xa * ss[k].scale + ss[k].shift > acc_t(0);
           g += pos ? d : acc_t(0);
@@ -219,6 +220,7 @@ __global__ void __launch_bounds__(kThreads)
 rows_grad_apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, scalar_t* __restrict__ dx,
                        int64_t M, int64_t C, int64_t S, Route r, const bool* __restrict__ used,
                        const acc_t* __restrict__ params, bool training, bool routed_stats) {
+  constexpr int U = kRowUnroll<VEC>();
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (c0 >= C) return;  // no barrier below; with VEC > 1, C % VEC == 0
   bool live[VEC], on_batch[VEC];
@@ -232,11 +234,11 @@ rows_grad_apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __restric
     kd[k] = params[2 * C + c], kx[k] = params[3 * C + c], kb[k] = params[4 * C + c];
   }
   const int64_t stride = int64_t(gridDim.y) * blockDim.y;
-  for (int64_t m = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; m < M; m += stride * kUnroll) {
-    Pack<scalar_t, VEC> xv[kUnroll], dv[kUnroll];
-    bool on[kUnroll][VEC], reach[kUnroll][VEC];
+  for (int64_t m = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; m < M; m += stride * U) {
+    Pack<scalar_t, VEC> xv[U], dv[U];
+    bool on[U][VEC], reach[U][VEC];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int64_t mu = m + u * stride;
       const bool row = mu < M;
       const int64_t n = r.per_sample && row ? mu / S : 0;
@@ -252,7 +254,7 @@ rows_grad_apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __restric
       dv[u] = any_on ? load_pack<VEC>(dy + mu * C + c0) : zero_pack<VEC, scalar_t>();
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int64_t mu = m + u * stride;
       if (mu < M) {
         Pack<scalar_t, VEC> o;

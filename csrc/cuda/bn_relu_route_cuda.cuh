@@ -36,6 +36,13 @@ constexpr int kMaxGridY = 65535;
 constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
 constexpr int64_t kFusedStashBytes = 40 * 1024;  // a channel this small is kept in shared memory
 
+// Rows in flight per thread in the rows kernels: fewer where a thread already holds 8 channels
+// (half/bfloat16), to stay within ~128 registers.
+template <int VEC>
+constexpr int kRowUnroll() {
+  return VEC >= 8 ? 2 : kUnroll;
+}
+
 // Elements per 128-bit access.
 template <typename T>
 constexpr int vec_size() {

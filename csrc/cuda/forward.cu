@@ -65,6 +65,7 @@ template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
 rows_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t M, int64_t C, int64_t S, Route r,
                   const acc_t* __restrict__ params) {
+  constexpr int U = kRowUnroll<VEC>();
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (c0 >= C) return;  // no barrier below; with VEC > 1, C % VEC == 0
   ScaleShift<acc_t> ss[VEC];
@@ -75,11 +76,11 @@ rows_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int6
     on_batch[k] = !r.per_sample && r.mask[c0 + k];
   }
   const int64_t stride = int64_t(gridDim.y) * blockDim.y;
-  for (int64_t m = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; m < M; m += stride * kUnroll) {
-    Pack<scalar_t, VEC> v[kUnroll];
-    bool on[kUnroll][VEC];
+  for (int64_t m = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; m < M; m += stride * U) {
+    Pack<scalar_t, VEC> v[U];
+    bool on[U][VEC];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int64_t mu = m + u * stride;
       const int64_t n = r.per_sample && mu < M ? mu / S : 0;
       bool any = false;
@@ -91,7 +92,7 @@ rows_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int6
       v[u] = any ? load_pack<VEC>(x + mu * C + c0) : zero_pack<VEC, scalar_t>();
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int64_t mu = m + u * stride;
       if (mu < M) {
         Pack<scalar_t, VEC> o;

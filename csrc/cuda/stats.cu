@@ -94,6 +94,7 @@ template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
 rows_stats_kernel(const scalar_t* __restrict__ x, int64_t M, int64_t C, int64_t S, int64_t rows_per_chunk, Route r,
                   const bool* __restrict__ used, bool routed, bool all_channels, StatsOut<acc_t> out) {
+  constexpr int U = kRowUnroll<VEC>();
   __shared__ SharedArray<Welford<acc_t>, kWarps * 32 * VEC> sm;
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   bool want[VEC];
@@ -109,11 +110,11 @@ rows_stats_kernel(const scalar_t* __restrict__ x, int64_t M, int64_t C, int64_t 
   const int64_t m0 = int64_t(blockIdx.y) * rows_per_chunk, m1 = dmin(M, m0 + rows_per_chunk);
   const int64_t step = blockDim.y;
   if (any_want) {
-    for (int64_t m = m0 + threadIdx.y; m < m1; m += step * kUnroll) {
-      acc_t v[kUnroll][VEC];
-      bool take[kUnroll][VEC];
+    for (int64_t m = m0 + threadIdx.y; m < m1; m += step * U) {
+      acc_t v[U][VEC];
+      bool take[U][VEC];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < U; ++u) {
         const int64_t mu = m + u * step;
         const bool row = mu < m1;
         const int64_t n = per_row && row ? mu / S : 0;
@@ -136,7 +137,7 @@ rows_stats_kernel(const scalar_t* __restrict__ x, int64_t M, int64_t C, int64_t 
       for (int k = 0; k < VEC; ++k) {
         acc_t cnt = 0, sum = 0;
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
+        for (int u = 0; u < U; ++u) {
           cnt += take[u][k] ? acc_t(1) : acc_t(0);
           sum += take[u][k] ? v[u][k] : acc_t(0);
         }
@@ -144,7 +145,7 @@ rows_stats_kernel(const scalar_t* __restrict__ x, int64_t M, int64_t C, int64_t 
           const acc_t mean = sum / cnt;
           acc_t m2 = 0;
 #pragma unroll
-          for (int u = 0; u < kUnroll; ++u) {
+          for (int u = 0; u < U; ++u) {
             const acc_t d = v[u][k] - mean;
             m2 += take[u][k] ? d * d : acc_t(0);
           }
