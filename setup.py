@@ -67,7 +67,7 @@ def nvidia_include_dirs() -> list:
 
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    # No -std: torch's cpp_extension adds the one its headers need (C++17 up to 2.13, C++20 from 2.14).
+    # No -std here: torch's cpp_extension adds -std=c++20 (2.14's ATen headers require C++20).
     cxx = ["-O3", "-fopenmp"] + cpu_isa_flags()
     kwargs = dict(include_dirs=[os.path.join(HERE, "csrc")], extra_link_args=["-fopenmp"])
     if want_cuda():

@@ -29,7 +29,10 @@ echo "build_cuda.sh: $("$CUDA_HOME/bin/nvcc" --version | tail -n 2 | head -n 1)"
 VENV="${TASKROUTING_CUDA_VENV:-/tmp/taskrouting-cuda-venv}"
 TORCH_SPEC="${TASKROUTING_CUDA_TORCH:-torch==2.14.1}"
 PY="$VENV/bin/python"
-if ! "$PY" -c "import torch, numpy, setuptools, wheel, ninja; assert torch.version.cuda" >/dev/null 2>&1; then
+WANT_VERSION=""  # a venv with another torch than an exact torch==X asks for is made anew
+case "$TORCH_SPEC" in torch==*) WANT_VERSION="${TORCH_SPEC#torch==}" ;; esac
+if ! "$PY" -c "import sys, torch, numpy, setuptools, wheel, ninja; assert torch.version.cuda
+assert sys.argv[1] in ('', torch.__version__.split('+')[0]), torch.__version__" "$WANT_VERSION" >/dev/null 2>&1; then
   echo "build_cuda.sh: creating $VENV with $TORCH_SPEC (a CUDA build)"
   rm -rf "$VENV"
   python3 -m venv "$VENV"
@@ -40,10 +43,16 @@ fi
 WORK="$(mktemp -d /tmp/taskrouting-cuda-build.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
 # The tracked and untracked (not ignored) files, without build outputs of the main checkout.
-git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
-  [ -e "$f" ] || continue
-  mkdir -p "$WORK/src/$(dirname "$f")" && cp -p "$f" "$WORK/src/$f"
-done
+mkdir -p "$WORK/src"
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
+    [ -e "$f" ] || continue
+    mkdir -p "$WORK/src/$(dirname "$f")" && cp -p "$f" "$WORK/src/$f"
+  done
+else
+  tar -C "$REPO" --exclude=.venv --exclude=build --exclude='*.so' --exclude='*.egg-info' --exclude=.git \
+    -cf - . | tar -C "$WORK/src" -xf -
+fi
 
 cd "$WORK/src"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"

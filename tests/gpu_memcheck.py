@@ -71,8 +71,10 @@ def main() -> int:
     shapes = [(4, 6, 5, 7), (3, 5), (6, 3, 11), (2, 4, 3, 3, 2), (1, 16, 8, 8), (9, 1, 4, 4), (8, 5, 1, 1),
               (0, 4, 3, 3), (0, 4), (2, 24, 3, 5), (5, 7, 9), (2, 3, 160, 160), (1, 2, 3, 40001),
               (3, 40, 6, 6), (4, 600, 3, 3), (2, 8, 4, 4, 4)]
+    # float32 takes every case; the other dtypes (other vector widths) a few (memcheck is slow)
+    few = [(1, 16, 8, 8), (5, 7, 9), (2, 24, 3, 5), (0, 4, 3, 3), (2, 3, 160, 160), (4, 600, 3, 3)]
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        for shape in shapes:
+        for shape in shapes if dtype == torch.float32 else few:
             for channels_last in (False, True):
                 for per_sample in (False, True):
                     exercise(shape, dtype, channels_last, per_sample)

@@ -138,12 +138,15 @@ def test_masked_channels_are_never_read(channels_last, per_sample):
     x[:, unused] = float("nan")
     for training in (False, True):
         xx = x.clone().requires_grad_(True)
-        y = ops.bn_relu_route(xx, case["masks"], case["task"], case["weight"], case["bias"],
+        w, b = case["weight"].clone().requires_grad_(True), case["bias"].clone().requires_grad_(True)
+        y = ops.bn_relu_route(xx, case["masks"], case["task"], w, b,
                               case["running_mean"].clone(), case["running_var"].clone(), training,
                               stats="routed" if training else "batch", backend=BACKEND)
         y.backward(case["grad"])
-        assert not y.isnan().any() and not xx.grad.isnan().any()
+        for t in (y, xx.grad, w.grad, b.grad):
+            assert not t.isnan().any()
         assert (y[:, unused] == 0).all() and (xx.grad[:, unused] == 0).all()
+        assert (w.grad[unused] == 0).all() and (b.grad[unused] == 0).all()
 
 
 def test_stage_ops_compose_to_the_fused_op():

@@ -685,10 +685,13 @@ def _compute_sanitizer():
 def test_memcheck():
     """tests/gpu_memcheck.py under compute-sanitizer --tool memcheck: no out-of-bounds access."""
     script = Path(__file__).with_name("gpu_memcheck.py")
-    env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}  # every tensor its own allocation
+    import taskrouting
+    package_root = str(Path(taskrouting.__file__).resolve().parent.parent)  # the taskrouting under test
+    env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1",  # every tensor its own allocation
+           "PYTHONPATH": os.pathsep.join([package_root] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     proc = subprocess.run([_compute_sanitizer(), "--tool", "memcheck", "--error-exitcode", "99",
                            "--leak-check", "no", sys.executable, str(script)],
-                          capture_output=True, text=True, env=env, timeout=1800)
+                          capture_output=True, text=True, env=env, timeout=900)
     output = proc.stdout[-6000:] + proc.stderr[-6000:]
     assert proc.returncode == 0, output
     assert "ERROR SUMMARY: 0 errors" in proc.stdout + proc.stderr, output

@@ -180,9 +180,6 @@ struct StatsOut {
   acc_t* invstd;  // may be null (channel_stats)
 };
 
-// Which channels get statistics: routed mode, the used ones; batch mode, also all if asked.
-bool wants_stats(bool used, bool routed, bool all_channels) { return used || (!routed && all_channels); }
-
 // ---------------------------------------------------------------------------- planes layout
 template <typename scalar_t, typename acc_t>
 Welford<acc_t> plane_stats(const scalar_t* x, Shape sh, int64_t c, Route r, bool routed, acc_t* buf) {
@@ -244,7 +241,7 @@ void plane_grad_apply(const scalar_t* x, const scalar_t* dy, scalar_t* dx, Shape
   for (int64_t n = 0; n < sh.n; ++n) {
     const int64_t off = (n * sh.c + c) * sh.s;
     const bool through = used && r.at(n, c);
-    if (!used || (!through && (routed_stats || !needs_x))) {
+    if (!grad_reaches(used, through, needs_x, routed_stats)) {
       std::fill(dx + off, dx + off + sh.s, scalar_t(0));
       continue;
     }
@@ -338,11 +335,14 @@ void rows_apply(const scalar_t* x, scalar_t* y, Shape sh, Route r, const acc_t* 
 template <typename acc_t>
 struct RowGrad {
   const acc_t *scale, *shift;
-  Vec<acc_t> operator()(const acc_t* x, const acc_t* dy, const acc_t* on, int64_t c, Vec<acc_t>& xv) const {
+  // Also returns x and the lanes where g may be nonzero (select with it: 0 * NaN is NaN).
+  Vec<acc_t> operator()(const acc_t* x, const acc_t* dy, const acc_t* on, int64_t c, Vec<acc_t>& xv,
+                        Vec<acc_t>& live) const {
     const Vec<acc_t> zero(acc_t(0));
     xv = Vec<acc_t>::loadu(x + c);
     const Vec<acc_t> pos = at::vec::fmadd(xv, Vec<acc_t>::loadu(scale + c), Vec<acc_t>::loadu(shift + c)) > zero;
-    return Vec<acc_t>::blendv(zero, Vec<acc_t>::loadu(dy + c), pos & (Vec<acc_t>::loadu(on + c) > zero));
+    live = pos & (Vec<acc_t>::loadu(on + c) > zero);
+    return Vec<acc_t>::blendv(zero, Vec<acc_t>::loadu(dy + c), live);
   }
   acc_t scalar(const acc_t* x, const acc_t* dy, const acc_t* on, int64_t c) const {
     return on[c] > 0 && x[c] * scale[c] + shift[c] > acc_t(0) ? dy[c] : acc_t(0);
@@ -374,15 +374,16 @@ void rows_grad_sums(const scalar_t* x, const scalar_t* dy, Shape sh, Route r, co
         const acc_t* dr = load_block(dy + m * C, C, dbuf.data());
         int64_t c = 0;
         for (; c + W <= C; c += W) {
-          Vec<acc_t> xv;
-          const Vec<acc_t> g = grad(xr, dr, on, c, xv);
+          Vec<acc_t> xv, live;
+          const Vec<acc_t> g = grad(xr, dr, on, c, xv, live);
+          const Vec<acc_t> gx = Vec<acc_t>::blendv(Vec<acc_t>(acc_t(0)), g * (xv - Vec<acc_t>::loadu(mean + c)), live);
           (Vec<acc_t>::loadu(sg.data() + c) + g).store(sg.data() + c);
-          at::vec::fmadd(g, xv - Vec<acc_t>::loadu(mean + c), Vec<acc_t>::loadu(sgx.data() + c)).store(sgx.data() + c);
+          (Vec<acc_t>::loadu(sgx.data() + c) + gx).store(sgx.data() + c);
         }
         for (; c < C; ++c) {
           const acc_t g = grad.scalar(xr, dr, on, c);
           sg[c] += g;
-          sgx[c] += g * (xr[c] - mean[c]);
+          if (g != acc_t(0)) sgx[c] += g * (xr[c] - mean[c]);
         }
       }
       for (int64_t c = 0; c < C; ++c) p[c] += sg[c], p[C + c] += sgx[c];
@@ -419,8 +420,8 @@ void rows_grad_apply(const scalar_t* x, const scalar_t* dy, scalar_t* dx, Shape 
       acc_t* o = out_block(dx + m * C, obuf.data());
       int64_t c = 0;
       for (; c + W <= C; c += W) {
-        Vec<acc_t> xv;
-        const Vec<acc_t> g = grad(xr, dr, on, c, xv);
+        Vec<acc_t> xv, live_g;
+        const Vec<acc_t> g = grad(xr, dr, on, c, xv, live_g);
         const Vec<acc_t> v = at::vec::fmadd(g, Vec<acc_t>::loadu(kd.data() + c),
                                             at::vec::fmadd(xv, Vec<acc_t>::loadu(kx.data() + c), Vec<acc_t>::loadu(kb.data() + c)));
         const Vec<acc_t> mask = (Vec<acc_t>::loadu(keep + c) > zero) & (Vec<acc_t>::loadu(live.data() + c) > zero);

@@ -10,15 +10,6 @@ namespace taskrouting {
 namespace cuda {
 namespace {
 
-template <typename T>
-__device__ __forceinline__ T dmin(T a, T b) {
-  return a < b ? a : b;
-}
-
-__device__ __forceinline__ int64_t plane_sample(int64_t p, int64_t C, bool narrow) {
-  return narrow ? int64_t(uint32_t(p) / uint32_t(C)) : p / C;
-}
-
 // grid (chunks, min(C, 65535)), block (bx, by), as planes_stats_kernel.
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
@@ -273,8 +264,6 @@ rows_grad_apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __restric
     }
   }
 }
-
-unsigned per_channel_blocks(int64_t C) { return unsigned(std::min<int64_t>(ceil_div(C, kThreads), 4096)); }
 
 template <typename scalar_t, typename acc_t, int VEC>
 void grad_reduce_impl(const Problem& p, const at::Tensor& dy, GradOut<acc_t> out) {

@@ -21,6 +21,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "../bn_relu_route_checks.h"
@@ -107,6 +108,16 @@ struct SumsOp {
     a.gx += b.gx;
   }
 };
+
+template <typename T>
+__device__ __forceinline__ T dmin(T a, T b) {
+  return a < b ? a : b;
+}
+
+// Sample of plane p = n * C + c (a 32-bit division where the sizes allow).
+__device__ __forceinline__ int64_t plane_sample(int64_t p, int64_t C, bool narrow) {
+  return narrow ? int64_t(uint32_t(p) / uint32_t(C)) : p / C;
+}
 
 __device__ __forceinline__ int linear_tid() { return threadIdx.y * blockDim.x + threadIdx.x; }
 
@@ -287,6 +298,11 @@ inline int next_pow2(int64_t v) {
   int p = 1;
   while (p < v && p < (1 << 30)) p <<= 1;
   return p;
+}
+
+// Grid of the one-thread-per-channel kernels (grid-strided).
+inline unsigned per_channel_blocks(int64_t C) {
+  return unsigned(std::min<int64_t>(ceil_div(C, kThreads), 4096));
 }
 
 // Blocks that keep every SM busy with enough loads in flight to saturate memory bandwidth.

@@ -6,11 +6,6 @@ namespace taskrouting {
 namespace cuda {
 namespace {
 
-// Sample of plane p = n * C + c (32-bit division where it fits).
-__device__ __forceinline__ int64_t plane_sample(int64_t p, int64_t C, bool narrow) {
-  return narrow ? int64_t(uint32_t(p) / uint32_t(C)) : p / C;
-}
-
 template <typename acc_t>
 __global__ void forward_params_kernel(int64_t C, const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
                                       const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
@@ -116,8 +111,6 @@ __global__ void update_running_kernel(int64_t C, scalar_t* __restrict__ running_
     running_var[c] = static_cast<scalar_t>(rv);
   }
 }
-
-unsigned per_channel_blocks(int64_t C) { return unsigned(std::min<int64_t>(ceil_div(C, kThreads), 4096)); }
 
 template <typename scalar_t, typename acc_t, int VEC>
 void apply_impl(const Problem& p, const at::Tensor& y, const acc_t* params) {

@@ -11,11 +11,6 @@ namespace taskrouting {
 namespace cuda {
 namespace {
 
-template <typename T>
-__device__ __forceinline__ T dmin(T a, T b) {
-  return a < b ? a : b;
-}
-
 // One thread's statistics of channel c over samples [n0, n1) (threadIdx.y strided) and
 // positions [s0, s1) of each plane (threadIdx.x strided, VEC per load). kStash also copies
 // what it loads to stash[n * S + s] (shared memory of the fused kernel).
