@@ -96,4 +96,30 @@ inline void check_running_update(const at::Tensor& running_mean, const at::Tenso
 
 inline at::Tensor empty_grad(const at::Tensor& x) { return at::empty({0}, x.options()); }
 
+inline at::Tensor per_channel_empty(const at::Tensor& x) {
+  return at::empty({x.size(1)}, x.options().dtype(acc_type_of(x)));
+}
+
+// count is only used (and only required) in training.
+inline at::Tensor checked_count(const at::Tensor& count, const at::Tensor& x, bool training) {
+  return training ? per_channel(count, "count", x) : count;
+}
+
+// The backward's per-channel inputs, checked against x (already in its processing layout).
+struct BackwardTensors {
+  at::Tensor dy, mean, invstd, w, b;
+};
+
+inline BackwardTensors backward_tensors(const at::Tensor& grad_y, const at::Tensor& x,
+                                        const c10::optional<at::Tensor>& weight,
+                                        const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
+                                        const at::Tensor& invstd) {
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), "grad_y must have the shape of x ", x.sizes(), ", got ",
+                    grad_y.sizes());
+  check_same_device(grad_y, "grad_y", x);
+  return {grad_y.to(x.scalar_type()).contiguous(layout_of(x)), per_channel(mean, "mean", x),
+          per_channel(invstd, "invstd", x), per_channel_or(weight, "weight", x, 1.0),
+          per_channel_or(bias, "bias", x, 0.0)};
+}
+
 }  // namespace taskrouting

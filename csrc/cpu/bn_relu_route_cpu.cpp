@@ -459,8 +459,6 @@ Prepared prepare(const Tensor& x_in, const Tensor& route_in) {
   return p;
 }
 
-Tensor per_channel_empty(const Tensor& x) { return at::empty({x.size(1)}, x.options().dtype(acc_type_of(x))); }
-
 // Statistics for every channel that needs them (training) into out.
 template <typename scalar_t>
 void compute_stats(const Prepared& p, bool routed, bool all_channels, StatsOut<at::opmath_type<scalar_t>> out) {
@@ -621,24 +619,17 @@ void apply_grads(const Prepared& p, const Tensor& dy, Tensor& dx, const Tensor& 
   });
 }
 
-struct BackwardInputs {
+struct BackwardInputs : BackwardTensors {
   Prepared p;
-  Tensor dy, mean, invstd, w, b, scale, shift;
+  Tensor scale, shift;
 };
 
 BackwardInputs prepare_backward(const Tensor& grad_y, const Tensor& x_in, const Tensor& route_in,
                                 const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                                 const Tensor& mean_in, const Tensor& invstd_in) {
-  BackwardInputs in{prepare(x_in, route_in)};
-  const Tensor& x = in.p.x;
-  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), "grad_y must have the shape of x ", x.sizes(), ", got ",
-                    grad_y.sizes());
-  check_same_device(grad_y, "grad_y", x);
-  in.dy = grad_y.to(x.scalar_type()).contiguous(layout_of(x));
-  in.mean = per_channel(mean_in, "mean", x);
-  in.invstd = per_channel(invstd_in, "invstd", x);
-  in.w = per_channel_or(weight, "weight", x, 1.0);
-  in.b = per_channel_or(bias, "bias", x, 0.0);
+  BackwardInputs in;
+  in.p = prepare(x_in, route_in);
+  static_cast<BackwardTensors&>(in) = backward_tensors(grad_y, in.p.x, weight, bias, mean_in, invstd_in);
   in.scale = in.invstd * in.w;
   in.shift = in.b - in.mean * in.scale;
   return in;
@@ -655,11 +646,6 @@ std::vector<GradCoef<acc_t>> grad_coefs(const BackwardInputs& in, const Tensor& 
   for (int64_t c = 0; c < C; ++c)
     k[c] = grad_coef(m[c], is[c], w[c], sg[c], sgx[c], training ? cnt[c] : acc_t(0), training);
   return k;
-}
-
-Tensor checked_count(const Tensor& count, const Tensor& x, bool training) {
-  if (!training) return count;
-  return per_channel(count, "count", x);
 }
 
 std::tuple<Tensor, Tensor> backward_reduce_cpu(const Tensor& grad_y, const Tensor& x, const Tensor& route,

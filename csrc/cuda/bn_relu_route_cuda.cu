@@ -104,8 +104,6 @@ Problem prepare(const Tensor& x_in, const Tensor& route_in) {
 
 namespace {
 
-Tensor per_channel_empty(const Tensor& x) { return at::empty({x.size(1)}, x.options().dtype(acc_type_of(x))); }
-
 std::tuple<Tensor, Tensor, Tensor> channel_stats_cuda(const Tensor& x, const Tensor& route, bool routed_stats,
                                                       bool all_channels) {
   const c10::cuda::CUDAGuard guard(cuda_device(x));
@@ -159,30 +157,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_relu_route_cuda(
   return {y, mean, invstd, var, count};
 }
 
-struct BackwardInputs {
+struct BackwardInputs : BackwardTensors {
   Problem p;
-  Tensor dy, mean, invstd, w, b;
 };
 
 BackwardInputs prepare_backward(const Tensor& grad_y, const Tensor& x, const Tensor& route,
                                 const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                                 const Tensor& mean_in, const Tensor& invstd_in) {
-  BackwardInputs in{prepare(x, route)};
-  const Tensor& xc = in.p.x;
-  TORCH_CHECK_VALUE(grad_y.sizes() == xc.sizes(), "grad_y must have the shape of x ", xc.sizes(), ", got ",
-                    grad_y.sizes());
-  check_same_device(grad_y, "grad_y", xc);
-  in.dy = grad_y.to(xc.scalar_type()).contiguous(layout_of(xc));
-  in.mean = per_channel(mean_in, "mean", xc);
-  in.invstd = per_channel(invstd_in, "invstd", xc);
-  in.w = per_channel_or(weight, "weight", xc, 1.0);
-  in.b = per_channel_or(bias, "bias", xc, 0.0);
+  BackwardInputs in;
+  in.p = prepare(x, route);
+  static_cast<BackwardTensors&>(in) = backward_tensors(grad_y, in.p.x, weight, bias, mean_in, invstd_in);
   return in;
-}
-
-Tensor checked_count(const Tensor& count, const Tensor& x, bool training) {
-  if (!training) return count;
-  return per_channel(count, "count", x);
 }
 
 std::tuple<Tensor, Tensor> backward_reduce_cuda(const Tensor& grad_y, const Tensor& x, const Tensor& route,
