@@ -105,6 +105,29 @@ inline at::Tensor checked_count(const at::Tensor& count, const at::Tensor& x, bo
   return training ? per_channel(count, "count", x) : count;
 }
 
+// The forward's outputs, allocated; in eval, mean and invstd already hold the running statistics
+// (var and count are then empty).
+struct ForwardOutputs {
+  at::Tensor y, mean, invstd, var, count;
+};
+
+inline ForwardOutputs forward_outputs(const at::Tensor& x, bool training,
+                                      const c10::optional<at::Tensor>& running_mean,
+                                      const c10::optional<at::Tensor>& running_var, double eps) {
+  TORCH_CHECK_VALUE(eps > 0, "eps must be positive, got ", eps);
+  ForwardOutputs out{at::empty_like(x), per_channel_empty(x), per_channel_empty(x), at::Tensor(), at::Tensor()};
+  out.var = training ? per_channel_empty(x) : at::empty({0}, out.mean.options());
+  out.count = training ? per_channel_empty(x) : at::empty({0}, out.mean.options());
+  if (!training) {
+    TORCH_CHECK_VALUE(running_mean.has_value() && running_var.has_value() && running_mean->defined() &&
+                          running_var->defined(),
+                      "training=False needs running_mean and running_var");
+    out.mean.copy_(per_channel(*running_mean, "running_mean", x));
+    out.invstd.copy_(per_channel(*running_var, "running_var", x).add(eps).rsqrt());
+  }
+  return out;
+}
+
 // The backward's per-channel inputs, checked against x (already in its processing layout).
 struct BackwardTensors {
   at::Tensor dy, mean, invstd, w, b;

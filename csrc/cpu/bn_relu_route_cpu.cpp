@@ -534,18 +534,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_relu_route_cpu(
     const std::optional<Tensor>& running_var, bool training, double eps, bool routed_stats,
     bool stats_all_channels) {
   const Prepared p = prepare(x_in, route_in);
-  TORCH_CHECK_VALUE(eps > 0, "eps must be positive, got ", eps);
   const Tensor w = per_channel_or(weight, "weight", p.x, 1.0), b = per_channel_or(bias, "bias", p.x, 0.0);
-  Tensor y = at::empty_like(p.x);
-  Tensor mean = per_channel_empty(p.x), invstd = per_channel_empty(p.x);
-  Tensor var = training ? per_channel_empty(p.x) : at::empty({0}, mean.options());
-  Tensor count = training ? per_channel_empty(p.x) : at::empty({0}, mean.options());
-  if (!training) {
-    TORCH_CHECK_VALUE(running_mean.has_value() && running_var.has_value(),
-                      "training=False needs running_mean and running_var");
-    mean.copy_(per_channel(*running_mean, "running_mean", p.x));
-    invstd.copy_(per_channel(*running_var, "running_var", p.x).add(eps).rsqrt());
-  }
+  ForwardOutputs out = forward_outputs(p.x, training, running_mean, running_var, eps);
+  Tensor &y = out.y, &mean = out.mean, &invstd = out.invstd, &var = out.var, &count = out.count;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bn_relu_route_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* m = mean.data_ptr<acc_t>();

@@ -132,18 +132,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_relu_route_cuda(
     bool routed_stats, bool stats_all_channels) {
   const c10::cuda::CUDAGuard guard(cuda_device(x));
   const Problem p = prepare(x, route);
-  TORCH_CHECK_VALUE(eps > 0, "eps must be positive, got ", eps);
   const Tensor w = per_channel_or(weight, "weight", p.x, 1.0), b = per_channel_or(bias, "bias", p.x, 0.0);
-  Tensor y = at::empty_like(p.x);
-  Tensor mean = per_channel_empty(p.x), invstd = per_channel_empty(p.x);
-  Tensor var = training ? per_channel_empty(p.x) : at::empty({0}, mean.options());
-  Tensor count = training ? per_channel_empty(p.x) : at::empty({0}, mean.options());
+  ForwardOutputs out = forward_outputs(p.x, training, running_mean, running_var, eps);
+  Tensor &y = out.y, &mean = out.mean, &invstd = out.invstd, &var = out.var, &count = out.count;
   if (!training) {
-    TORCH_CHECK_VALUE(running_mean.has_value() && running_var.has_value() && running_mean->defined() &&
-                          running_var->defined(),
-                      "training=False needs running_mean and running_var");
-    mean.copy_(per_channel(*running_mean, "running_mean", p.x));
-    invstd.copy_(per_channel(*running_var, "running_var", p.x).add(eps).rsqrt());
     const Tensor params = at::empty({2, p.c}, mean.options());
     launch_forward_params(mean, invstd, w, b, params);
     launch_forward_apply(p, y, params);
