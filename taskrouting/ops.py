@@ -160,6 +160,8 @@ def _update_running_stats(running_mean, running_var, mean, var, count, momentum:
         torch.ops.taskrouting.update_running_stats(running_mean, running_var, mean, var, count, momentum)
     else:
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
+
+
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
