@@ -44,27 +44,47 @@ def ops_masks(num_tasks, channels, sharing_ratio, seed):
     return make_masks(num_tasks, channels, sharing_ratio, torch.Generator().manual_seed(seed + 1))
 
 
-def run(backend, case, training=True, stats="batch", momentum=0.1, eps=1e-5, track=True, upcast=False):
-    """Forward + backward of one backend; returns y, grads of x/weight/bias and the running stats."""
-    dtype = None
-    if upcast:
-        dtype = torch.float64 if case["x"].dtype == torch.float64 else torch.float32
+def run(backend, case, training=True, stats="batch", momentum=0.1, eps=1e-5, track=True, dtype=None):
+    """Forward + backward of one backend; returns y, grads of x/weight/bias and the running stats.
+    ``dtype``: cast x, weight, bias, running stats and grad to it first (layout kept)."""
     def leaf(t):
         if t is None:
             return None
-        t = t.detach().clone()
-        if dtype is not None:
-            t = t.to(dtype)
-        return t.requires_grad_(True)
+        return t.detach().to(dtype or t.dtype, copy=True).requires_grad_(True)
+
+    def buffer(t):
+        return t.to(dtype or t.dtype, copy=True) if track else None
+
     x, weight, bias = leaf(case["x"]), leaf(case["weight"]), leaf(case["bias"])
-    rm = case["running_mean"].clone() if track else None
-    rv = case["running_var"].clone() if track else None
+    rm, rv = buffer(case["running_mean"]), buffer(case["running_var"])
     y = ops.bn_relu_route(x, case["masks"], case["task"], weight, bias, rm, rv, training, momentum, eps,
                           stats, backend)
-    grad = case["grad"] if dtype is None else case["grad"].to(dtype)
-    y.backward(grad)
+    y.backward(case["grad"] if dtype is None else case["grad"].to(dtype))
     return {"y": y.detach(), "grad_x": x.grad, "grad_weight": None if weight is None else weight.grad,
             "grad_bias": None if bias is None else bias.grad, "running_mean": rm, "running_var": rv}
+
+
+def opcheck_cases(device="cpu"):
+    """(op name, args) for torch.library.opcheck of every compiled op, both layouts."""
+    case = make_case((3, 8, 3, 2), per_sample=True, device=device)
+    x, route, w, b = case["x"], case["masks"][case["task"]], case["weight"], case["bias"]
+    rm, rv, dy = case["running_mean"], case["running_var"], case["grad"]
+    mean = torch.randn(8, device=device)
+    invstd, count = torch.rand(8, device=device) + 0.5, torch.full((8,), 18.0, device=device)
+    xr = x.clone().requires_grad_(True)
+    xcl = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    return [
+        ("bn_relu_route", (xr, route, w, b, rm, rv, True, 1e-5, False, True)),
+        ("bn_relu_route", (xcl, route, w, b, rm, rv, True, 1e-5, False, True)),
+        ("bn_relu_route", (xr, route, w, b, rm, rv, False, 1e-5, False, False)),
+        ("bn_relu_route", (xr, route, None, None, None, None, True, 1e-5, True, False)),
+        ("bn_relu_route_backward", (dy, x, route, w, b, mean, invstd, count, True, True, [True, True, False])),
+        ("channel_stats", (x, route, True, False)),
+        ("normalize_relu_route", (x, route, mean, invstd, w, None)),
+        ("backward_reduce", (dy, x, route, mean, invstd, w, b)),
+        ("backward_apply", (dy, x, route, mean, invstd, w, b, mean, invstd, count, True, False)),
+        ("update_running_stats", (rm.clone(), rv.clone(), mean, invstd, count, 0.1)),
+    ]
 
 
 def assert_matches(result, expected, dtype):

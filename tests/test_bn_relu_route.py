@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from op_cases import assert_matches, make_case, run
+from op_cases import assert_matches, make_case, opcheck_cases, run
 from taskrouting import _extension, make_masks, ops
 
 BACKEND = "cpu"
@@ -23,7 +23,8 @@ def test_extension_is_built():
 
 
 def _compare(case, upcast_dtype, **kw):
-    expected = run("reference", case, upcast=upcast_dtype in (torch.float16, torch.bfloat16), **kw)
+    reduced = upcast_dtype in (torch.float16, torch.bfloat16)
+    expected = run("reference", case, dtype=torch.float32 if reduced else None, **kw)
     got = run(BACKEND, case, **kw)
     assert_matches(got, expected, upcast_dtype)
 
@@ -189,26 +190,7 @@ def test_compiled_running_stat_update_matches_pytorch():
         torch.ops.taskrouting.update_running_stats(*got, mean, var, count[:3], 0.3)
 
 
-def _opcheck_cases():
-    case = make_case((3, 4, 3, 2), per_sample=True)
-    x, route, w, b = case["x"], case["masks"][case["task"]], case["weight"], case["bias"]
-    rm, rv, dy = case["running_mean"], case["running_var"], case["grad"]
-    mean, invstd, count = torch.randn(4), torch.rand(4) + 0.5, torch.full((4,), 18.0)
-    xr = x.clone().requires_grad_(True)
-    return [
-        ("bn_relu_route", (xr, route, w, b, rm, rv, True, 1e-5, False, True)),
-        ("bn_relu_route", (xr, route, w, b, rm, rv, False, 1e-5, False, False)),
-        ("bn_relu_route", (xr, route, None, None, None, None, True, 1e-5, True, False)),
-        ("bn_relu_route_backward", (dy, x, route, w, b, mean, invstd, count, True, True, [True, True, False])),
-        ("channel_stats", (x, route, True, False)),
-        ("normalize_relu_route", (x, route, mean, invstd, w, None)),
-        ("backward_reduce", (dy, x, route, mean, invstd, w, b)),
-        ("backward_apply", (dy, x, route, mean, invstd, w, b, mean, invstd, count, True, False)),
-        ("update_running_stats", (rm.clone(), rv.clone(), mean, invstd, count, 0.1)),
-    ]
-
-
-@pytest.mark.parametrize("name,args", _opcheck_cases(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name,args", opcheck_cases(), ids=lambda v: v if isinstance(v, str) else "")
 def test_opcheck(name, args):
     torch.library.opcheck(getattr(torch.ops.taskrouting, name).default, args)
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from op_cases import make_case
+from op_cases import make_case, opcheck_cases, run
 from taskrouting import BNReLURoute2d, make_masks, ops
 from taskrouting import reference as R
 
@@ -54,27 +54,6 @@ SHAPES = [(4, 6, 5, 7), (3, 5), (6, 3, 11), (2, 4, 3, 3, 2), (5, 70, 3, 3), (9, 
 # ----------------------------------------------------------------------------- helpers
 def gpu_case(shape, dtype=torch.float32, **kw):
     return make_case(shape, dtype=dtype, device=DEV, **kw)
-
-
-def run(backend, case, training=True, stats="batch", momentum=0.1, eps=1e-5, track=True, dtype=None):
-    """Forward + backward through ops.bn_relu_route; leaves cast to ``dtype`` (layout kept)."""
-    def leaf(t):
-        if t is None:
-            return None
-        t = t.detach().clone()
-        if dtype is not None:
-            t = t.to(dtype)
-        return t.requires_grad_(True)
-
-    x, w, b = leaf(case["x"]), leaf(case["weight"]), leaf(case["bias"])
-    cast = (lambda t: t.clone() if dtype is None else t.to(dtype))
-    rm = cast(case["running_mean"]) if track else None
-    rv = cast(case["running_var"]) if track else None
-    y = ops.bn_relu_route(x, case["masks"], case["task"], w, b, rm, rv, training, momentum, eps, stats, backend)
-    grad = case["grad"] if dtype is None else case["grad"].to(dtype)
-    y.backward(grad)
-    return {"y": y.detach(), "grad_x": x.grad, "grad_weight": None if w is None else w.grad,
-            "grad_bias": None if b is None else b.grad, "running_mean": rm, "running_var": rv}
 
 
 def pre_activation64(case, training, stats, eps=1e-5, track=True):
@@ -466,31 +445,9 @@ def test_bad_arguments_raise_clear_errors():
             TR.channel_stats(x, route.cpu(), False, False)
 
 
-def _opcheck_cases():
-    case = gpu_case((3, 8, 3, 2), per_sample=True)
-    x, route, w, b = case["x"], case["masks"][case["task"]], case["weight"], case["bias"]
-    rm, rv, dy = case["running_mean"], case["running_var"], case["grad"]
-    mean = torch.randn(8, device=DEV)
-    invstd, count = torch.rand(8, device=DEV) + 0.5, torch.full((8,), 18.0, device=DEV)
-    xr = x.clone().requires_grad_(True)
-    xcl = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    return [
-        ("bn_relu_route", (xr, route, w, b, rm, rv, True, 1e-5, False, True)),
-        ("bn_relu_route", (xcl, route, w, b, rm, rv, True, 1e-5, False, True)),
-        ("bn_relu_route", (xr, route, w, b, rm, rv, False, 1e-5, False, False)),
-        ("bn_relu_route", (xr, route, None, None, None, None, True, 1e-5, True, False)),
-        ("bn_relu_route_backward", (dy, x, route, w, b, mean, invstd, count, True, True, [True, True, False])),
-        ("channel_stats", (x, route, True, False)),
-        ("normalize_relu_route", (x, route, mean, invstd, w, None)),
-        ("backward_reduce", (dy, x, route, mean, invstd, w, b)),
-        ("backward_apply", (dy, x, route, mean, invstd, w, b, mean, invstd, count, True, False)),
-        ("update_running_stats", (rm.clone(), rv.clone(), mean, invstd, count, 0.1)),
-    ]
-
-
 @pytest.mark.parametrize("index", range(10))
 def test_opcheck(index):
-    name, args = _opcheck_cases()[index]
+    name, args = opcheck_cases(DEV)[index]
     torch.library.opcheck(getattr(TR, name).default, args)
 
 
