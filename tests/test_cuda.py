@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from op_cases import make_case, opcheck_cases, run
 from taskrouting import BNReLURoute2d, make_masks, ops
