@@ -42,3 +42,12 @@ def time_step(benchmark):
                                     active_fraction=step.active_fraction, **info)
         benchmark(call)
     return run
+
+
+def pytest_configure(config):
+    """As ``taskrouting bench`` does on the CPU: keep freed memory in the process, so that the
+    timings do not depend on which allocations glibc gave back to the OS (allocator.py)."""
+    from taskrouting.benchmarking.allocator import keep_freed_memory
+    from taskrouting.benchmarking.cases import settings_from_env
+    if torch.device(settings_from_env().device).type == "cpu":
+        keep_freed_memory()

@@ -76,8 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile'd reference")
     p.add_argument("--no-model", action="store_true", help="leave out the whole-model (VGG-11) step")
     p.add_argument("--repeats", type=int, help="interleaved repeats per step")
+    p.add_argument("--sweep-repeats", type=int,
+                   help="repeats of the tasks and sharing_ratio sweeps (default 3 x --repeats)")
     p.add_argument("--warmup", type=int, help="warm-up calls per step (after the first, compiling call)")
     p.add_argument("--min-time", type=float, help="seconds each sample lasts at least (calls per sample are calibrated)")
+    p.add_argument("--malloc", choices=("keep", "default"),
+                   help="CPU: keep freed memory in the process (the default: no first-touch page faults "
+                        "in the timings; see taskrouting/benchmarking/allocator.py) or leave glibc's default")
     p.add_argument("--threads", type=int, help="torch.set_num_threads before the run")
     p.add_argument("--seed", type=int, help="seed of inputs, masks and task order (default 0)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results/)")
@@ -107,7 +112,8 @@ def settings_from_args(args: argparse.Namespace):
         "dtypes": args.dtype, "tasks": args.tasks, "sharing_ratios": args.sharing_ratios,
         "num_tasks": args.num_tasks, "sharing_ratio": args.sharing_ratio, "stats": args.stats,
         "sweeps": args.sweeps, "backends": args.backends, "repeats": args.repeats,
-        "warmup": args.warmup, "min_time": args.min_time, "seed": args.seed,
+        "sweep_repeats": args.sweep_repeats,
+        "warmup": args.warmup, "min_time": args.min_time, "seed": args.seed, "malloc": args.malloc,
         "shapes": args.shapes, "sweep_shapes": args.shapes, "modes": args.modes, "sweep_modes": args.modes,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}

@@ -36,7 +36,7 @@ def test_quick_run_succeeds_and_writes_every_output(quick_run):
 def test_quick_run_reports_environment_and_every_variant(quick_run):
     _, _, data = quick_run
     env = data["environment"]
-    for key in ("cpu", "torch", "triton", "threads", "device", "backends"):
+    for key in ("cpu", "torch", "triton", "threads", "device", "backends", "host_malloc"):
         assert key in env
     rows = [r for r in data["results"] if r["sweep"] != "model"]
     assert {r["sweep"] for r in rows} == {"shapes", "tasks", "sharing_ratio"}
@@ -105,6 +105,25 @@ def test_flags_override_the_preset():
     assert (s.preset, s.shapes, s.sweep_shapes, s.dtypes) == ("quick", ((2, 8, 4, 4),), ((2, 8, 4, 4),), ("bfloat16",))
     assert (s.tasks, s.sharing_ratios, s.backends, s.compile, s.repeats) == ((1, 4096), (0.2,), ("reference",), False, 2)
     assert "model" not in s.sweeps and s.modes == s.sweep_modes == ("eval-fwd",)
+
+
+def test_sweep_repeats_and_malloc_settings():
+    s = settings_from_args(build_parser().parse_args(["--repeats", "4", "--malloc", "default"]))
+    assert s.malloc == "default"
+    by_name = {sweep.name: sweep for sweep in cases.build_sweeps(s)}
+    assert by_name["shapes"].repeats(s) == 4 and by_name["tasks"].repeats(s) == 12
+    s = settings_from_args(build_parser().parse_args(["--sweep-repeats", "7"]))
+    assert s.malloc == "keep" and cases.build_sweeps(s)[1].repeats(s) == 7
+    with pytest.raises(ValueError, match="malloc"):
+        dataclasses.replace(s, malloc="jemalloc")
+    with pytest.raises(ValueError, match="sweep_repeats"):
+        dataclasses.replace(s, sweep_repeats=0)
+
+
+def test_keep_freed_memory_says_what_it_did():
+    from taskrouting.benchmarking.allocator import keep_freed_memory
+    said = keep_freed_memory()
+    assert said.startswith("glibc") or said.startswith("default (")
 
 
 @pytest.mark.parametrize("argv", [["--backends", "nope"], ["--device", "tpu"]])

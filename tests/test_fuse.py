@@ -25,7 +25,9 @@ def run(model, x, task):
 
 
 def check_fuse(authors_order):
-    reference = vgg_like(authors_order)
+    """The fused float32 model against the unfused one run in float64: gradients that are 0 in
+    exact arithmetic (a bias before BatchNorm) are float32 noise of ~1e-5 in either model."""
+    reference = vgg_like(authors_order).double()
     fused = fuse(vgg_like(authors_order))
     kinds = [type(m) for m in fused]
     assert kinds.count(BNReLURoute2d) == 2 and kinds.count(BNReLURoute1d) == 1
@@ -34,12 +36,12 @@ def check_fuse(authors_order):
     for step, (training, task) in enumerate([(True, 0), (True, torch.tensor([4, 1, 1, 2])), (False, 3), (True, 2)]):
         x = torch.randn(4, 3, 8, 8, generator=g)
         reference.train(training), fused.train(training)
-        y_ref, g_ref = run(reference, x, task)
+        y_ref, g_ref = run(reference, x.double(), task)
         y_fused, g_fused = run(fused, x, task)
-        torch.testing.assert_close(y_fused, y_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y_fused, y_ref.float(), rtol=1e-5, atol=1e-5)
         for a, b in zip(g_fused, g_ref):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(fused[1].running_var, reference[1].running_var)
+            torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=3e-5)
+    torch.testing.assert_close(fused[1].running_var, reference[1].running_var.float())
     assert torch.equal(fused[1].masks, reference[3 if not authors_order else 2].masks)
 
 

@@ -2,11 +2,14 @@
 //
 // Two layouts:
 //  * planes (NCHW-contiguous, rank 3-5): one channel at a time per thread; a channel's N planes
-//    are reduced and then normalised while they are still in cache (one trip to memory).
+//    are reduced and then normalised (forward), or their gradient sums taken and grad_x written
+//    (backward), while they are still in cache: one trip to memory. Used and unused channels are
+//    spread evenly over the threads.
 //  * rows (channels-last, and [N, C]): x is [N*S, C]; threads take blocks of rows, vectorised
 //    along C, and merge their per-channel partial statistics in a fixed order.
 // Statistics: two-pass (mean, then squared deviations) over blocks that fit in L1, merged with
 // Chan's formula. Channels that no sample of the batch uses are not read in eval or backward.
+// Outputs larger than stream_min_bytes() are written with streaming stores (stream_store.h).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -21,6 +24,7 @@
 
 #include "../bn_relu_route_checks.h"
 #include "../bn_relu_route_math.h"
+#include "stream_store.h"
 
 namespace taskrouting {
 namespace {
@@ -39,7 +43,7 @@ int64_t grain_for(int64_t elements_per_item) {
 
 // A block of x as acc_t: float32/float64 data is used in place, reduced types are converted.
 template <typename scalar_t, typename acc_t>
-const acc_t* load_block(const scalar_t* src, int64_t n, acc_t* buf) {
+C10_ALWAYS_INLINE const acc_t* load_block(const scalar_t* src, int64_t n, acc_t* buf) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return src;
   } else {
@@ -48,98 +52,148 @@ const acc_t* load_block(const scalar_t* src, int64_t n, acc_t* buf) {
   }
 }
 
-// Where to compute an output block: in place for float32/float64, else in buf (then stored).
-template <typename scalar_t, typename acc_t>
-acc_t* out_block(scalar_t* dst, acc_t* buf) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) return dst; else return buf;
-}
+// Per-thread buffers: two input blocks as acc_t, and an output block before it is written.
+template <typename scalar_t>
+struct Scratch {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> a, b, out;
+  std::vector<scalar_t> converted;
+  explicit Scratch(int64_t n = kBlock) : a(n), b(n), out(n), converted(n) {}
+};
 
-template <typename scalar_t, typename acc_t>
-void store_block(const acc_t* buf, scalar_t* dst, int64_t n) {
-  if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(buf, dst, n);
-}
+// How blocks of output reach memory: computed in place (float32/float64), or in the scratch
+// block and then converted (reduced types) and/or written with streaming stores (large outputs).
+template <typename scalar_t>
+struct Writer {
+  using acc_t = at::opmath_type<scalar_t>;
+  bool stream;
+  Scratch<scalar_t>& scratch;
 
-template <typename T>
-T sum_of(const T* x, int64_t n) {
-  constexpr int64_t W = Vec<T>::size();
-  Vec<T> a0(T(0)), a1(T(0));
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    a0 += Vec<T>::loadu(x + i);
-    a1 += Vec<T>::loadu(x + i + W);
+  // Where to compute up to a block of outputs destined for dst.
+  acc_t* block(scalar_t* dst) const {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (!stream) return dst;
+    }
+    return scratch.out.data();
   }
-  T s = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, a0 + a1);
-  for (; i < n; ++i) s += x[i];
-  return s;
-}
-
-template <typename T>
-T centered_square_sum(const T* x, int64_t n, T mean) {
-  constexpr int64_t W = Vec<T>::size();
-  const Vec<T> m(mean);
-  Vec<T> acc(T(0));
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    const Vec<T> d = Vec<T>::loadu(x + i) - m;
-    acc = at::vec::fmadd(d, d, acc);
+  // Writes the n outputs computed in block(dst) to dst.
+  void store(scalar_t* dst, int64_t n) const {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (stream) stream_copy(dst, scratch.out.data(), n * int64_t(sizeof(scalar_t)));
+    } else if (stream) {
+      at::vec::convert(scratch.out.data(), scratch.converted.data(), n);
+      stream_copy(dst, scratch.converted.data(), n * int64_t(sizeof(scalar_t)));
+    } else {
+      at::vec::convert(scratch.out.data(), dst, n);
+    }
   }
-  T s = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
-  for (; i < n; ++i) s += (x[i] - mean) * (x[i] - mean);
-  return s;
+  void zero(scalar_t* dst, int64_t n) const {
+    if (stream)
+      stream_zero(dst, n * int64_t(sizeof(scalar_t)));
+    else
+      std::fill(dst, dst + n, scalar_t(0));
+  }
+};
+
+bool streams(const Tensor& out) { return out.defined() && int64_t(out.nbytes()) >= stream_min_bytes(); }
+
+// The loops below finish with one partial vector (masked load/store of the last n % W
+// elements) rather than a scalar loop: 7x7 planes would otherwise spend most of their time there.
+template <typename T>
+C10_ALWAYS_INLINE T reduce_sum(Vec<T> v) {
+  return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, v);
+}
+
+// Lane-wise sums in four independent accumulators: one would serialise on the add latency.
+template <typename T>
+struct Partial {
+  Vec<T> v0{T(0)}, v1{T(0)}, v2{T(0)}, v3{T(0)};
+  T total() const { return reduce_sum((v0 + v1) + (v2 + v3)); }
+};
+
+// acc += x[0:n].
+template <typename T>
+C10_ALWAYS_INLINE void add_values(const T* x, int64_t n, Partial<T>& acc) {
+  constexpr int64_t W = Vec<T>::size();
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    acc.v0 += Vec<T>::loadu(x + i);
+    acc.v1 += Vec<T>::loadu(x + i + W);
+    acc.v2 += Vec<T>::loadu(x + i + 2 * W);
+    acc.v3 += Vec<T>::loadu(x + i + 3 * W);
+  }
+  for (; i + W <= n; i += W) acc.v0 += Vec<T>::loadu(x + i);
+  if (i < n) acc.v1 += Vec<T>::loadu(x + i, n - i);  // zero-filled past n
+}
+
+// acc += (x[0:n] - mean)^2.
+template <typename T>
+C10_ALWAYS_INLINE void add_centered_squares(const T* x, int64_t n, Vec<T> mean, Partial<T>& acc) {
+  constexpr int64_t W = Vec<T>::size();
+  auto square = [&](int64_t i, Vec<T>& a) {
+    const Vec<T> d = Vec<T>::loadu(x + i) - mean;
+    a = at::vec::fmadd(d, d, a);
+  };
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    square(i, acc.v0);
+    square(i + W, acc.v1);
+    square(i + 2 * W, acc.v2);
+    square(i + 3 * W, acc.v3);
+  }
+  for (; i + W <= n; i += W) square(i, acc.v0);
+  if (i < n) {
+    const Vec<T> d = Vec<T>::set(Vec<T>(T(0)), Vec<T>::loadu(x + i, n - i) - mean, n - i);
+    acc.v1 = at::vec::fmadd(d, d, acc.v1);
+  }
 }
 
 template <typename T>
-void relu_affine_into(const T* x, T* y, int64_t n, ScaleShift<T> s) {
+C10_ALWAYS_INLINE void relu_affine_into(const T* x, T* y, int64_t n, ScaleShift<T> s) {
   constexpr int64_t W = Vec<T>::size();
   const Vec<T> scale(s.scale), shift(s.shift), zero(T(0));
   int64_t i = 0;
   for (; i + W <= n; i += W)
     at::vec::clamp_min(at::vec::fmadd(Vec<T>::loadu(x + i), scale, shift), zero).store(y + i);
-  for (; i < n; ++i) y[i] = relu_affine(x[i], s);
+  if (i < n) at::vec::clamp_min(at::vec::fmadd(Vec<T>::loadu(x + i, n - i), scale, shift), zero).store(y + i, n - i);
 }
 
-// g = dy where the pre-activation is positive; accumulates sum(g) and sum(g * (x - mean)).
+// g = dy where the pre-activation is positive; acc.v0/v2 += g, acc.v1/v3 += g * (x - mean)
+// (sum(g) = v0 + v2, sum(g * (x - mean)) = v1 + v3).
 template <typename T>
-void grad_sums(const T* x, const T* dy, int64_t n, ScaleShift<T> s, T mean, T& sum_g, T& sum_gx) {
+C10_ALWAYS_INLINE void add_grad_sums(const T* x, const T* dy, int64_t n, ScaleShift<T> s, T mean, Partial<T>& acc) {
   constexpr int64_t W = Vec<T>::size();
   const Vec<T> scale(s.scale), shift(s.shift), zero(T(0)), m(mean);
-  Vec<T> ag(T(0)), agx(T(0));
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    const Vec<T> xv = Vec<T>::loadu(x + i);
-    const Vec<T> g = Vec<T>::blendv(zero, Vec<T>::loadu(dy + i), at::vec::fmadd(xv, scale, shift) > zero);
+  // Lanes past n load as 0, so g is 0 there (selected, not multiplied: 0 * NaN is NaN).
+  auto add = [&](int64_t i, int64_t len, Vec<T>& ag, Vec<T>& agx) {
+    const Vec<T> xv = Vec<T>::loadu(x + i, len);
+    const Vec<T> g = Vec<T>::blendv(zero, Vec<T>::loadu(dy + i, len), at::vec::fmadd(xv, scale, shift) > zero);
     ag += g;
     agx = at::vec::fmadd(g, xv - m, agx);
+  };
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    add(i, W, acc.v0, acc.v1);
+    add(i + W, W, acc.v2, acc.v3);
   }
-  auto add = [](Vec<T>& a, Vec<T>& b) { return a + b; };
-  T sg = at::vec::vec_reduce_all<T>(add, ag), sgx = at::vec::vec_reduce_all<T>(add, agx);
-  for (; i < n; ++i) {
-    const T g = x[i] * s.scale + s.shift > T(0) ? dy[i] : T(0);
-    sg += g;
-    sgx += g * (x[i] - mean);
-  }
-  sum_g += sg;
-  sum_gx += sgx;
+  if (i < n) add(i, std::min(W, n - i), acc.v0, acc.v1);
+  if (i + W < n) add(i + W, n - i - W, acc.v2, acc.v3);
 }
 
 // dx = g * k.dy_coef + x * k.x_coef + k.bias_coef, with g = 0 where the sample is not routed.
 template <typename T>
-void grad_apply(const T* x, const T* dy, T* dx, int64_t n, ScaleShift<T> s, GradCoef<T> k, bool routed) {
+C10_ALWAYS_INLINE void grad_apply(const T* x, const T* dy, T* dx, int64_t n, ScaleShift<T> s, GradCoef<T> k, bool routed) {
   constexpr int64_t W = Vec<T>::size();
   const Vec<T> scale(s.scale), shift(s.shift), zero(T(0)), kd(k.dy_coef), kx(k.x_coef), kb(k.bias_coef);
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    const Vec<T> xv = Vec<T>::loadu(x + i);
+  for (int64_t i = 0; i < n; i += W) {
+    const int64_t len = std::min(W, n - i);
+    const Vec<T> xv = Vec<T>::loadu(x + i, len);
     Vec<T> out = at::vec::fmadd(xv, kx, kb);
     if (routed) {
-      const Vec<T> g = Vec<T>::blendv(zero, Vec<T>::loadu(dy + i), at::vec::fmadd(xv, scale, shift) > zero);
+      const Vec<T> g = Vec<T>::blendv(zero, Vec<T>::loadu(dy + i, len), at::vec::fmadd(xv, scale, shift) > zero);
       out = at::vec::fmadd(g, kd, out);
     }
-    out.store(dx + i);
-  }
-  for (; i < n; ++i) {
-    const T g = routed && x[i] * s.scale + s.shift > T(0) ? dy[i] : T(0);
-    dx[i] = g * k.dy_coef + x[i] * k.x_coef + k.bias_coef;
+    out.store(dx + i, len);
   }
 }
 
@@ -181,55 +235,82 @@ struct StatsOut {
 };
 
 // ---------------------------------------------------------------------------- planes layout
+// A run of consecutive elements of x: part of one (n, c) plane.
+struct Segment {
+  int64_t offset, len;
+};
+
+// f(segments, count, elements) for channel c's planes (those routed through c if only_routed)
+// in chunks of about kBlock elements: pieces of one plane when planes are large, several whole
+// planes when they are small, so that per-chunk costs (reductions, merges) stay amortised.
+template <typename F>
+void for_each_chunk(Shape sh, int64_t c, Route r, bool only_routed, const F& f) {
+  constexpr int kMaxSegments = 64;
+  Segment seg[kMaxSegments];
+  int count = 0;
+  int64_t elements = 0;
+  for (int64_t n = 0; n < sh.n; ++n) {
+    if (only_routed && !r.at(n, c)) continue;
+    const int64_t base = (n * sh.c + c) * sh.s;
+    for (int64_t i = 0; i < sh.s; i += kBlock) {
+      seg[count++] = {base + i, std::min(kBlock, sh.s - i)};
+      elements += seg[count - 1].len;
+      if (elements >= kBlock || count == kMaxSegments) {
+        f(seg, count, elements);
+        count = 0, elements = 0;
+      }
+    }
+  }
+  if (count > 0) f(seg, count, elements);
+}
+
+// Statistics of channel c: two passes over each chunk (sum, then squared deviations from the
+// chunk's mean, while it is in L1), chunks merged with Chan's formula.
 template <typename scalar_t, typename acc_t>
 Welford<acc_t> plane_stats(const scalar_t* x, Shape sh, int64_t c, Route r, bool routed, acc_t* buf) {
   Welford<acc_t> w;
-  for (int64_t n = 0; n < sh.n; ++n) {
-    if (routed && !r.at(n, c)) continue;
-    const scalar_t* p = x + (n * sh.c + c) * sh.s;
-    for (int64_t i = 0; i < sh.s; i += kBlock) {
-      const int64_t len = std::min(kBlock, sh.s - i);
-      const acc_t* b = load_block(p + i, len, buf);
-      const acc_t mean = sum_of(b, len) / acc_t(len);
-      welford_merge(w, mean, centered_square_sum(b, len, mean), acc_t(len));
-    }
-  }
+  for_each_chunk(sh, c, r, routed, [&](const Segment* seg, int count, int64_t elements) {
+    Partial<acc_t> sum, squares;
+    for (int j = 0; j < count; ++j) add_values(load_block(x + seg[j].offset, seg[j].len, buf), seg[j].len, sum);
+    const acc_t mean = sum.total() / acc_t(elements);
+    for (int j = 0; j < count; ++j)
+      add_centered_squares(load_block(x + seg[j].offset, seg[j].len, buf), seg[j].len, Vec<acc_t>(mean), squares);
+    welford_merge(w, mean, squares.total(), acc_t(elements));
+  });
   return w;
 }
 
 template <typename scalar_t, typename acc_t>
 void plane_apply(const scalar_t* x, scalar_t* y, Shape sh, int64_t c, Route r, bool used,
-                 ScaleShift<acc_t> s, acc_t* buf, acc_t* obuf) {
+                 ScaleShift<acc_t> s, const Writer<scalar_t>& out) {
   for (int64_t n = 0; n < sh.n; ++n) {
     const int64_t off = (n * sh.c + c) * sh.s;
     if (!used || !r.at(n, c)) {
-      std::fill(y + off, y + off + sh.s, scalar_t(0));
+      out.zero(y + off, sh.s);
       continue;
     }
     for (int64_t i = 0; i < sh.s; i += kBlock) {
       const int64_t len = std::min(kBlock, sh.s - i);
-      acc_t* o = out_block(y + off + i, obuf);
-      relu_affine_into(load_block(x + off + i, len, buf), o, len, s);
-      store_block(o, y + off + i, len);
+      relu_affine_into(load_block(x + off + i, len, out.scratch.a.data()), out.block(y + off + i), len, s);
+      out.store(y + off + i, len);
     }
   }
 }
 
+// sums[0] = sum(g), sums[1] = sum(g * (x - mean)) over channel c; g is zero where not routed.
 template <typename scalar_t, typename acc_t>
 void plane_grad_sums(const scalar_t* x, const scalar_t* dy, Shape sh, int64_t c, Route r,
                      ScaleShift<acc_t> s, acc_t mean, acc_t* sums, acc_t* buf, acc_t* dbuf) {
-  double sg = 0, sgx = 0;  // across blocks in double: millions of terms per channel
-  for (int64_t n = 0; n < sh.n; ++n) {
-    if (!r.at(n, c)) continue;  // g is zero there
-    const int64_t off = (n * sh.c + c) * sh.s;
-    for (int64_t i = 0; i < sh.s; i += kBlock) {
-      const int64_t len = std::min(kBlock, sh.s - i);
-      acc_t bg = 0, bgx = 0;
-      grad_sums(load_block(x + off + i, len, buf), load_block(dy + off + i, len, dbuf), len, s, mean, bg, bgx);
-      sg += bg;
-      sgx += bgx;
+  double sg = 0, sgx = 0;  // across chunks in double: millions of terms per channel
+  for_each_chunk(sh, c, r, true, [&](const Segment* seg, int count, int64_t) {
+    Partial<acc_t> acc;
+    for (int j = 0; j < count; ++j) {
+      const int64_t off = seg[j].offset, len = seg[j].len;
+      add_grad_sums(load_block(x + off, len, buf), load_block(dy + off, len, dbuf), len, s, mean, acc);
     }
-  }
+    sg += reduce_sum(acc.v0 + acc.v2);
+    sgx += reduce_sum(acc.v1 + acc.v3);
+  });
   sums[0] = acc_t(sg);
   sums[1] = acc_t(sgx);
 }
@@ -237,20 +318,21 @@ void plane_grad_sums(const scalar_t* x, const scalar_t* dy, Shape sh, int64_t c,
 template <typename scalar_t, typename acc_t>
 void plane_grad_apply(const scalar_t* x, const scalar_t* dy, scalar_t* dx, Shape sh, int64_t c,
                       Route r, bool used, bool needs_x, bool routed_stats, ScaleShift<acc_t> s,
-                      GradCoef<acc_t> k, acc_t* buf, acc_t* dbuf, acc_t* obuf) {
+                      GradCoef<acc_t> k, const Writer<scalar_t>& out) {
+  Scratch<scalar_t>& buf = out.scratch;
   for (int64_t n = 0; n < sh.n; ++n) {
     const int64_t off = (n * sh.c + c) * sh.s;
     const bool through = used && r.at(n, c);
     if (!grad_reaches(used, through, needs_x, routed_stats)) {
-      std::fill(dx + off, dx + off + sh.s, scalar_t(0));
+      out.zero(dx + off, sh.s);
       continue;
     }
     for (int64_t i = 0; i < sh.s; i += kBlock) {
       const int64_t len = std::min(kBlock, sh.s - i);
-      acc_t* o = out_block(dx + off + i, obuf);
-      grad_apply(load_block(x + off + i, len, buf), through ? load_block(dy + off + i, len, dbuf) : nullptr,
-                 o, len, s, k, through);
-      store_block(o, dx + off + i, len);
+      grad_apply(load_block(x + off + i, len, buf.a.data()),
+                 through ? load_block(dy + off + i, len, buf.b.data()) : nullptr, out.block(dx + off + i), len, s,
+                 k, through);
+      out.store(dx + off + i, len);
     }
   }
 }
@@ -311,23 +393,26 @@ void rows_stats(const scalar_t* x, Shape sh, Route r, bool routed, const std::ve
 
 // y = route ? relu(x * scale + shift) : 0, along rows of C.
 template <typename scalar_t, typename acc_t>
-void rows_apply(const scalar_t* x, scalar_t* y, Shape sh, Route r, const acc_t* scale, const acc_t* shift) {
+void rows_apply(const scalar_t* x, scalar_t* y, Shape sh, Route r, const acc_t* scale, const acc_t* shift,
+                bool stream) {
   const int64_t C = sh.c;
   const std::vector<acc_t> keep = route_values<acc_t>(r, sh.n, C);
   at::parallel_for(0, sh.n * sh.s, grain_for(C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(C), obuf(C);
+    Scratch<scalar_t> scratch(C);
+    const Writer<scalar_t> out{stream, scratch};
     for (int64_t m = begin; m < end; ++m) {
       const acc_t* k = keep.data() + (r.per_sample ? (m / sh.s) * C : 0);
-      const acc_t* b = load_block(x + m * C, C, buf.data());
-      acc_t* o = out_block(y + m * C, obuf.data());
+      const acc_t* b = load_block(x + m * C, C, scratch.a.data());
+      acc_t* o = out.block(y + m * C);
       at::vec::map4(
           [](Vec<acc_t> v, Vec<acc_t> sc, Vec<acc_t> sh_, Vec<acc_t> kv) {
             const Vec<acc_t> zero(acc_t(0));
             return Vec<acc_t>::blendv(zero, at::vec::clamp_min(at::vec::fmadd(v, sc, sh_), zero), kv > zero);
           },
           o, b, scale, shift, k, C);
-      store_block(o, y + m * C, C);
+      out.store(y + m * C, C);
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -401,7 +486,7 @@ void rows_grad_sums(const scalar_t* x, const scalar_t* dy, Shape sh, Route r, co
 template <typename scalar_t, typename acc_t>
 void rows_grad_apply(const scalar_t* x, const scalar_t* dy, scalar_t* dx, Shape sh, Route r,
                      const std::vector<char>& used, bool zero_unrouted, const acc_t* scale,
-                     const acc_t* shift, const std::vector<GradCoef<acc_t>>& k) {
+                     const acc_t* shift, const std::vector<GradCoef<acc_t>>& k, bool stream) {
   constexpr int64_t W = Vec<acc_t>::size();
   const int64_t C = sh.c;
   const std::vector<acc_t> through = route_values<acc_t>(r, sh.n, C);
@@ -410,14 +495,15 @@ void rows_grad_apply(const scalar_t* x, const scalar_t* dy, scalar_t* dx, Shape 
     kd[c] = k[c].dy_coef, kx[c] = k[c].x_coef, kb[c] = k[c].bias_coef, live[c] = used[c] ? acc_t(1) : acc_t(0);
   const RowGrad<acc_t> grad{scale, shift};
   at::parallel_for(0, sh.n * sh.s, grain_for(C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(C), dbuf(C), obuf(C);
+    Scratch<scalar_t> scratch(C);
+    const Writer<scalar_t> out{stream, scratch};
     const Vec<acc_t> zero(acc_t(0));
     for (int64_t m = begin; m < end; ++m) {
       const acc_t* on = through.data() + (r.per_sample ? (m / sh.s) * C : 0);
       const acc_t* keep = zero_unrouted ? on : live.data();
-      const acc_t* xr = load_block(x + m * C, C, buf.data());
-      const acc_t* dr = load_block(dy + m * C, C, dbuf.data());
-      acc_t* o = out_block(dx + m * C, obuf.data());
+      const acc_t* xr = load_block(x + m * C, C, scratch.a.data());
+      const acc_t* dr = load_block(dy + m * C, C, scratch.b.data());
+      acc_t* o = out.block(dx + m * C);
       int64_t c = 0;
       for (; c + W <= C; c += W) {
         Vec<acc_t> xv, live_g;
@@ -431,8 +517,9 @@ void rows_grad_apply(const scalar_t* x, const scalar_t* dy, scalar_t* dx, Shape 
         const acc_t v = grad.scalar(xr, dr, on, c) * kd[c] + xr[c] * kx[c] + kb[c];
         o[c] = keep[c] > 0 && live[c] > 0 ? v : acc_t(0);
       }
-      store_block(o, dx + m * C, C);
+      out.store(dx + m * C, C);
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -442,8 +529,67 @@ struct Prepared {
   Shape sh;
   Route r;
   std::vector<char> used;
+  std::vector<int64_t> order;  // planes layout: the channels in the order threads split them
   bool rows;
 };
+
+// Used and unused channels interleaved in proportion, so that any contiguous share of the list
+// holds its share of each: their costs differ (an unused channel is only zero-filled), and one
+// task's channels may cluster, which would load one thread with most of the work.
+std::vector<int64_t> balanced_order(const std::vector<char>& used) {
+  std::vector<int64_t> heavy, light;
+  for (int64_t c = 0; c < static_cast<int64_t>(used.size()); ++c) (used[c] ? heavy : light).push_back(c);
+  std::vector<int64_t> order;
+  order.reserve(used.size());
+  size_t h = 0, l = 0;
+  // Take from the list whose next item sits earlier in its own list: (h + 0.5) / |H| vs (l + 0.5) / |L|.
+  while (h < heavy.size() || l < light.size()) {
+    const bool take_heavy = l == light.size() ||
+        (h < heavy.size() && (2 * h + 1) * light.size() <= (2 * l + 1) * heavy.size());
+    order.push_back(take_heavy ? heavy[h++] : light[l++]);
+  }
+  return order;
+}
+
+// The inputs a pass over the planes reads (for prefetching).
+template <typename scalar_t>
+struct PlaneReads {
+  const scalar_t* first;
+  const scalar_t* second;
+  bool unused_too;  // unused channels are read as well (for their statistics)
+};
+
+// Loads channel c's planes towards L1 when a channel is small. The hardware prefetcher follows
+// runs within a page, not the C * S stride between a channel's planes, so small planes
+// (e.g. 7x7: 196 bytes each) would otherwise be fetched one miss at a time.
+template <typename scalar_t>
+void prefetch_channel(const scalar_t* t, Shape sh, int64_t c) {
+  constexpr int64_t kMaxBytes = 64 * 1024, kLine = 64;
+  const int64_t plane_bytes = sh.s * int64_t(sizeof(scalar_t));
+  if (t == nullptr || sh.n * plane_bytes > kMaxBytes) return;
+  for (int64_t n = 0; n < sh.n; ++n) {
+    const char* plane = reinterpret_cast<const char*>(t + (n * sh.c + c) * sh.s);
+    for (int64_t b = 0; b < plane_bytes; b += kLine) __builtin_prefetch(plane + b, 0, 3);
+  }
+}
+
+// body(c, writer) for every channel of a planes-layout input, channels split over threads;
+// the next channel's planes are prefetched while one is processed.
+template <typename scalar_t, typename F>
+void for_each_plane(const Prepared& p, bool stream, PlaneReads<scalar_t> reads, const F& body) {
+  at::parallel_for(0, p.sh.c, grain_for(p.sh.n * p.sh.s), [&](int64_t i0, int64_t i1) {
+    Scratch<scalar_t> scratch;
+    const Writer<scalar_t> writer{stream, scratch};
+    for (int64_t i = i0; i < i1; ++i) {
+      if (i + 1 < i1 && (reads.unused_too || p.used[p.order[i + 1]])) {
+        prefetch_channel(reads.first, p.sh, p.order[i + 1]);
+        prefetch_channel(reads.second, p.sh, p.order[i + 1]);
+      }
+      body(p.order[i], writer);
+    }
+    if (stream) stream_fence();
+  });
+}
 
 Prepared prepare(const Tensor& x_in, const Tensor& route_in) {
   check_input(x_in);
@@ -455,7 +601,8 @@ Prepared prepare(const Tensor& x_in, const Tensor& route_in) {
   p.sh = shape_of(p.x);
   p.r = route_of(p.route, p.sh.c);
   p.used = channels_used(p.r, p.sh.n, p.sh.c);
-  p.rows = is_rows_layout(p.x);
+  p.rows = is_rows_layout(p.x) || p.sh.s == 1;  // one position per sample: planes are rows
+  if (!p.rows) p.order = balanced_order(p.used);
   return p;
 }
 
@@ -468,13 +615,10 @@ void compute_stats(const Prepared& p, bool routed, bool all_channels, StatsOut<a
     rows_stats<scalar_t, acc_t>(x, p.sh, p.r, routed, p.used, all_channels, out);
     return;
   }
-  at::parallel_for(0, p.sh.c, grain_for(p.sh.n * p.sh.s), [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> buf(kBlock);
-    for (int64_t c = c0; c < c1; ++c) {
-      Welford<acc_t> w;
-      if (wants_stats(p.used[c], routed, all_channels)) w = plane_stats(x, p.sh, c, p.r, routed, buf.data());
-      out.mean[c] = w.mean, out.var[c] = biased_var(w), out.count[c] = w.count;
-    }
+  for_each_plane<scalar_t>(p, false, {x, nullptr, !routed && all_channels}, [&](int64_t c, const Writer<scalar_t>& buf) {
+    Welford<acc_t> w;
+    if (wants_stats(p.used[c], routed, all_channels)) w = plane_stats(x, p.sh, c, p.r, routed, buf.scratch.a.data());
+    out.mean[c] = w.mean, out.var[c] = biased_var(w), out.count[c] = w.count;
   });
 }
 
@@ -506,13 +650,11 @@ void apply_forward(const Prepared& p, Tensor& y, const Tensor& mean, const Tenso
   const scalar_t* x = p.x.data_ptr<scalar_t>();
   scalar_t* out = y.data_ptr<scalar_t>();
   if (p.rows) {
-    rows_apply<scalar_t, acc_t>(x, out, p.sh, p.r, scale.data(), shift.data());
+    rows_apply<scalar_t, acc_t>(x, out, p.sh, p.r, scale.data(), shift.data(), streams(y));
     return;
   }
-  at::parallel_for(0, C, grain_for(p.sh.n * p.sh.s), [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> buf(kBlock), obuf(kBlock);
-    for (int64_t c = c0; c < c1; ++c)
-      plane_apply(x, out, p.sh, c, p.r, p.used[c], ScaleShift<acc_t>{scale[c], shift[c]}, buf.data(), obuf.data());
+  for_each_plane<scalar_t>(p, streams(y), {x, nullptr, false}, [&](int64_t c, const Writer<scalar_t>& writer) {
+    plane_apply(x, out, p.sh, c, p.r, p.used[c], ScaleShift<acc_t>{scale[c], shift[c]}, writer);
   });
 }
 
@@ -551,16 +693,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_relu_route_cpu(
       scalar_t* out = y.data_ptr<scalar_t>();
       acc_t *v = var.data_ptr<acc_t>(), *cnt = count.data_ptr<acc_t>();
       const acc_t *wp = w.data_ptr<acc_t>(), *bp = b.data_ptr<acc_t>();
-      at::parallel_for(0, p.sh.c, grain_for(p.sh.n * p.sh.s), [&](int64_t c0, int64_t c1) {
-        std::vector<acc_t> buf(kBlock), obuf(kBlock);
-        for (int64_t c = c0; c < c1; ++c) {
-          Welford<acc_t> st;
-          if (wants_stats(p.used[c], routed_stats, stats_all_channels))
-            st = plane_stats(x, p.sh, c, p.r, routed_stats, buf.data());
-          m[c] = st.mean, v[c] = biased_var(st), cnt[c] = st.count, is[c] = inv_std(v[c], eps);
-          plane_apply(x, out, p.sh, c, p.r, p.used[c], scale_shift(m[c], is[c], wp[c], bp[c]), buf.data(),
-                      obuf.data());
-        }
+      const PlaneReads<scalar_t> reads{x, nullptr, !routed_stats && stats_all_channels};
+      for_each_plane<scalar_t>(p, streams(y), reads, [&](int64_t c, const Writer<scalar_t>& writer) {
+        Welford<acc_t> st;
+        if (wants_stats(p.used[c], routed_stats, stats_all_channels))
+          st = plane_stats(x, p.sh, c, p.r, routed_stats, writer.scratch.a.data());
+        m[c] = st.mean, v[c] = biased_var(st), cnt[c] = st.count, is[c] = inv_std(v[c], eps);
+        plane_apply(x, out, p.sh, c, p.r, p.used[c], scale_shift(m[c], is[c], wp[c], bp[c]), writer);
       });
     } else {
       apply_forward<scalar_t>(p, y, mean, invstd, w, b);
@@ -581,13 +720,12 @@ void reduce_grads(const Prepared& p, const Tensor& dy, const Tensor& mean, const
     rows_grad_sums<scalar_t, acc_t>(x, d, p.sh, p.r, sc, sh, m, sg, sgx);
     return;
   }
-  at::parallel_for(0, p.sh.c, grain_for(p.sh.n * p.sh.s), [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> buf(kBlock), dbuf(kBlock);
-    for (int64_t c = c0; c < c1; ++c) {
-      acc_t sums[2] = {0, 0};
-      if (p.used[c]) plane_grad_sums(x, d, p.sh, c, p.r, ScaleShift<acc_t>{sc[c], sh[c]}, m[c], sums, buf.data(), dbuf.data());
-      sg[c] = sums[0], sgx[c] = sums[1];
-    }
+  for_each_plane<scalar_t>(p, false, {x, d, false}, [&](int64_t c, const Writer<scalar_t>& buf) {
+    acc_t sums[2] = {0, 0};
+    if (p.used[c])
+      plane_grad_sums(x, d, p.sh, c, p.r, ScaleShift<acc_t>{sc[c], sh[c]}, m[c], sums, buf.scratch.a.data(),
+                      buf.scratch.b.data());
+    sg[c] = sums[0], sgx[c] = sums[1];
   });
 }
 
@@ -599,14 +737,12 @@ void apply_grads(const Prepared& p, const Tensor& dy, Tensor& dx, const Tensor& 
   scalar_t* out = dx.data_ptr<scalar_t>();
   const acc_t *sc = scale.data_ptr<acc_t>(), *sh = shift.data_ptr<acc_t>();
   if (p.rows) {
-    rows_grad_apply<scalar_t, acc_t>(x, d, out, p.sh, p.r, p.used, routed_stats || !training, sc, sh, k);
+    rows_grad_apply<scalar_t, acc_t>(x, d, out, p.sh, p.r, p.used, routed_stats || !training, sc, sh, k, streams(dx));
     return;
   }
-  at::parallel_for(0, p.sh.c, grain_for(p.sh.n * p.sh.s), [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> buf(kBlock), dbuf(kBlock), obuf(kBlock);
-    for (int64_t c = c0; c < c1; ++c)
-      plane_grad_apply(x, d, out, p.sh, c, p.r, p.used[c], training, routed_stats, ScaleShift<acc_t>{sc[c], sh[c]},
-                       k[c], buf.data(), dbuf.data(), obuf.data());
+  for_each_plane<scalar_t>(p, streams(dx), {x, d, false}, [&](int64_t c, const Writer<scalar_t>& writer) {
+    plane_grad_apply(x, d, out, p.sh, c, p.r, p.used[c], training, routed_stats, ScaleShift<acc_t>{sc[c], sh[c]},
+                     k[c], writer);
   });
 }
 
@@ -637,6 +773,31 @@ std::vector<GradCoef<acc_t>> grad_coefs(const BackwardInputs& in, const Tensor& 
   for (int64_t c = 0; c < C; ++c)
     k[c] = grad_coef(m[c], is[c], w[c], sg[c], sgx[c], training ? cnt[c] : acc_t(0), training);
   return k;
+}
+
+// Planes layout, fused: each channel's sums, then its grad_x while its planes are still in cache.
+template <typename scalar_t>
+void backward_planes(const BackwardInputs& in, const Tensor& count, bool training, bool routed_stats,
+                     bool reduce, bool apply, Tensor& sum_dy, Tensor& sum_dy_xmu, Tensor& dx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Prepared& p = in.p;
+  const scalar_t *x = p.x.data_ptr<scalar_t>(), *d = in.dy.data_ptr<scalar_t>();
+  scalar_t* out = apply ? dx.data_ptr<scalar_t>() : nullptr;
+  const acc_t *m = in.mean.data_ptr<acc_t>(), *is = in.invstd.data_ptr<acc_t>(), *w = in.w.data_ptr<acc_t>();
+  const acc_t *sc = in.scale.data_ptr<acc_t>(), *sh = in.shift.data_ptr<acc_t>();
+  const acc_t* cnt = training ? count.data_ptr<acc_t>() : nullptr;
+  acc_t *sg = sum_dy.data_ptr<acc_t>(), *sgx = sum_dy_xmu.data_ptr<acc_t>();
+  for_each_plane<scalar_t>(p, apply && streams(dx), {x, d, false}, [&](int64_t c, const Writer<scalar_t>& writer) {
+    const ScaleShift<acc_t> ss{sc[c], sh[c]};
+    acc_t sums[2] = {0, 0};
+    if (reduce && p.used[c])
+      plane_grad_sums(x, d, p.sh, c, p.r, ss, m[c], sums, writer.scratch.a.data(), writer.scratch.b.data());
+    sg[c] = sums[0], sgx[c] = sums[1];
+    if (apply)
+      plane_grad_apply(x, d, out, p.sh, c, p.r, p.used[c], training, routed_stats, ss,
+                       grad_coef(m[c], is[c], w[c], sums[0], sums[1], training ? cnt[c] : acc_t(0), training),
+                       writer);
+  });
 }
 
 std::tuple<Tensor, Tensor> backward_reduce_cpu(const Tensor& grad_y, const Tensor& x, const Tensor& route,
@@ -679,8 +840,12 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_route_backward_cpu(
   Tensor dx = output_mask[0] ? at::empty_like(in.p.x) : empty_grad(in.p.x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.p.x.scalar_type(), "bn_relu_route_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    if (training || output_mask[1] || output_mask[2])
-      reduce_grads<scalar_t>(in.p, in.dy, in.mean, in.scale, in.shift, sum_dy, sum_dy_xmu);
+    const bool reduce = training || output_mask[1] || output_mask[2];
+    if (!in.p.rows) {
+      backward_planes<scalar_t>(in, count, training, routed_stats, reduce, output_mask[0], sum_dy, sum_dy_xmu, dx);
+      return;
+    }
+    if (reduce) reduce_grads<scalar_t>(in.p, in.dy, in.mean, in.scale, in.shift, sum_dy, sum_dy_xmu);
     if (output_mask[0])
       apply_grads<scalar_t>(in.p, in.dy, dx, in.scale, in.shift,
                             grad_coefs<acc_t>(in, sum_dy, sum_dy_xmu, count, training), training, routed_stats);

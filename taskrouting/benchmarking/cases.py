@@ -154,6 +154,12 @@ class Sweep:
             by_key.setdefault((case.shape, case.dtype), []).append(case)
         return [tuple(cases) for cases in by_key.values()]
 
+    def repeats(self, settings: "Settings") -> int:
+        """Interleaved repeats of this sweep's groups."""
+        if self.axis is None:
+            return settings.repeats
+        return settings.sweep_repeats or 3 * settings.repeats
+
     def baseline_of(self, case: Case) -> Case | None:
         """The case this one is compared with along the axis (e.g. the same case at T = 1)."""
         if self.axis is None or self.baseline is None:
@@ -199,11 +205,15 @@ class Settings:
     backends: tuple[str, ...] | None = None  # fused backends; None: every one available
     compile: bool = True
     repeats: int = 10
+    # Repeats of the tasks and sharing_ratio sweeps, whose figure is a ratio of two close times
+    # (time(T) / time(1)): more samples narrow its median. None: 3 x repeats.
+    sweep_repeats: int | None = None
     warmup: int = 2
     min_time: float = 0.02                  # seconds; each sample runs the op enough times
     max_inner: int = 200
     seed: int = 0
     model: ModelSettings | None = field(default_factory=ModelSettings)
+    malloc: str = "keep"                    # CPU: "keep" freed memory (see allocator.py) or "default"
 
     def __post_init__(self):
         for mode in self.modes + self.sweep_modes:
@@ -211,8 +221,10 @@ class Settings:
         unknown = set(self.sweeps) - set(SWEEPS)
         if unknown:
             raise ValueError(f"unknown sweeps {sorted(unknown)}; choose from {SWEEPS}")
-        if self.repeats < 1 or self.warmup < 0:
-            raise ValueError("repeats must be >= 1 and warmup >= 0")
+        if self.malloc not in ("keep", "default"):
+            raise ValueError(f"malloc must be 'keep' or 'default', got {self.malloc!r}")
+        if self.repeats < 1 or self.warmup < 0 or (self.sweep_repeats is not None and self.sweep_repeats < 1):
+            raise ValueError("repeats and sweep_repeats must be >= 1 and warmup >= 0")
         if any(t < 1 for t in self.tasks) or self.num_tasks < 1:
             raise ValueError("numbers of tasks must be >= 1")
         if any(not 0.0 <= s <= 1.0 for s in self.sharing_ratios + (self.sharing_ratio,)):
@@ -255,7 +267,7 @@ def _cpu_presets() -> dict[str, Settings]:
     quick = Settings(
         device="cpu", preset="quick", shapes=((4, 16, 8, 8),), sweep_shapes=((4, 16, 8, 8),),
         modes=MODES, tasks=(1, 100), sharing_ratios=(0.5, 1.0), num_tasks=10,
-        repeats=3, warmup=1, min_time=0.0, max_inner=2,
+        repeats=3, sweep_repeats=3, warmup=1, min_time=0.0, max_inner=2,
         model=ModelSettings(batch=2, resolution=32, width_mult=1 / 16, num_tasks=10))
     default = Settings(
         device="cpu", preset="default", shapes=vgg11_shapes(112, 16)[1:],

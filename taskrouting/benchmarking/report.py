@@ -32,8 +32,11 @@ def _environment_lines(report: Report) -> list[str]:
              f"{env['cpu_count']} cpus",
              f"torch {env['torch']}, triton {env['triton']}, python {env['python']}, "
              f"taskrouting {env['taskrouting']} ({env['git_commit']}); backends: {', '.join(env['backends'])}",
-             f"timer: {report.timer}; preset {report.settings['preset']}, {report.settings['repeats']} repeats, "
+             f"timer: {report.timer}; preset {report.settings['preset']}, {report.settings['repeats']} repeats "
+             f"({report.settings.get('sweep_repeats') or 3 * report.settings['repeats']} in the tasks and sigma sweeps), "
              f"{report.settings['warmup']} warm-up calls"]
+    if env.get("host_malloc", "default") != "default":
+        lines.append(f"host memory: {env['host_malloc']}")
     return lines
 
 

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from .allocator import keep_freed_memory
 from .cases import Case, Settings, Sweep, build_sweeps, shape_label
 from .environment import environment
 from .model import model_step, model_variants
@@ -88,10 +89,10 @@ def _prepare(build: Callable[[], Step], check: Callable[[], None] | None, settin
     return Measured(step, inner=inner, compile_s=first if step.compiles else None)
 
 
-def _time_all(measured: dict[tuple, Measured], settings: Settings, timer) -> None:
+def _time_all(measured: dict[tuple, Measured], settings: Settings, timer, repeats: int) -> None:
     ready = {key: m for key, m in measured.items() if m.ok}
     samples = interleaved({k: m.step.fn for k, m in ready.items()}, {k: m.inner for k, m in ready.items()},
-                          timer, settings.repeats, settings.seed)
+                          timer, repeats, settings.seed)
     for key, m in ready.items():
         m.samples = samples[key]
         m.peak_bytes = peak_memory(m.step.fn, settings.device)
@@ -165,7 +166,7 @@ def run_group(sweep: Sweep, cases: tuple[Case, ...], variants: list[str], settin
                 check = (lambda v=variant, c=case: check_fused(v, c, device, inputs, settings.seed))
             measured[key] = _prepare(lambda v=variant, c=case: build_step(v, c, device, inputs, settings.seed),
                                      check, settings, timer)
-    _time_all(measured, settings, timer)
+    _time_all(measured, settings, timer, sweep.repeats(settings))
     rows = [_case_row(sweep, case, v, measured) for case in cases for v in variants if v != "copy"]
     if "copy" in variants:
         rows.append(_copy_row(sweep, cases[0], measured[step_key("copy", cases[0])]))
@@ -180,7 +181,7 @@ def run_model(settings: Settings, backends: list[str], timer) -> list[dict]:
     if all(m.status == "skipped" for m in measured.values()):
         first = next(iter(measured.values()))
         return [{"sweep": "model", "shape": ms.label, "variant": "-", "status": "skipped", "reason": first.reason}]
-    _time_all(measured, settings, timer)
+    _time_all(measured, settings, timer, settings.repeats)
     rows = []
     for variant, m in measured.items():
         row = {"sweep": "model", "shape": f"{ms.batch}x3x{ms.resolution}x{ms.resolution}", "dtype": "float32",
@@ -226,6 +227,9 @@ def run(settings: Settings, log: Callable[[str], None] = _log_to_stderr) -> Repo
     variants = variant_names(backends, settings.compile)
     if not settings.compile:
         notes.append("compiled skipped: torch.compile disabled (--no-compile)")
+    malloc = "default"
+    if device.type == "cpu" and settings.malloc == "keep":
+        malloc = keep_freed_memory()
     torch.manual_seed(settings.seed)
     timer = make_timer(device)
     start = time.perf_counter()
@@ -244,4 +248,5 @@ def run(settings: Settings, log: Callable[[str], None] = _log_to_stderr) -> Repo
         rows += run_model(settings, backends, timer)
     notes += sorted({f"{r['variant']} {r['status']} ({r['sweep']} {r['shape']}): {r['reason']}"
                      for r in rows if r["status"] != "ok"})
-    return Report(environment(device), _settings_dict(settings), timer.name, rows, notes)
+    return Report({**environment(device), "host_malloc": malloc}, _settings_dict(settings), timer.name, rows,
+                  notes)
