@@ -7,7 +7,7 @@ import torch
 
 from taskrouting.benchmarking.cases import build_sweeps, settings_from_env, shape_label, unique_cases
 from taskrouting.benchmarking.variants import (Inputs, Skip, build_step, check_fused, fused_backends,
-                                               variant_names)
+                                               rotation_sets, variant_names)
 
 pytest.importorskip("pytest_benchmark")
 
@@ -20,7 +20,8 @@ TENSORS = list(dict.fromkeys((case.shape, case.dtype) for case in CASES))
 
 def _ready(variant, case):
     torch._dynamo.reset()   # one test, one compiled graph
-    inputs = Inputs.make(case.shape, case.torch_dtype, SETTINGS.device, SETTINGS.seed)
+    inputs = Inputs.make(case.shape, case.torch_dtype, SETTINGS.device, SETTINGS.seed,
+                         rotation_sets(case.shape, case.torch_dtype, SETTINGS.rotation_bytes()))
     try:
         if variant.startswith("fused:"):
             check_fused(variant, case, SETTINGS.device, inputs, SETTINGS.seed)

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--malloc", choices=("keep", "default"),
                    help="CPU: keep freed memory in the process (the default: no first-touch page faults "
                         "in the timings; see taskrouting/benchmarking/allocator.py) or leave glibc's default")
+    p.add_argument("--rotate-mib", type=float,
+                   help="inputs rotate through copies totalling more than this (MiB) so that calls start "
+                        "cold (default: the last-level cache on CPU, 0 on GPU, where L2 is flushed instead)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads before the run")
     p.add_argument("--seed", type=int, help="seed of inputs, masks and task order (default 0)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results/)")
@@ -114,6 +117,7 @@ def settings_from_args(args: argparse.Namespace):
         "sweeps": args.sweeps, "backends": args.backends, "repeats": args.repeats,
         "sweep_repeats": args.sweep_repeats,
         "warmup": args.warmup, "min_time": args.min_time, "seed": args.seed, "malloc": args.malloc,
+        "rotate_bytes": None if args.rotate_mib is None else int(args.rotate_mib * 1024 ** 2),
         "shapes": args.shapes, "sweep_shapes": args.shapes, "modes": args.modes, "sweep_modes": args.modes,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}

@@ -120,6 +120,29 @@ def test_sweep_repeats_and_malloc_settings():
         dataclasses.replace(s, sweep_repeats=0)
 
 
+def test_calls_rotate_through_the_input_sets():
+    case = Case((2, 4, 3, 3), num_tasks=1, mode="eval-fwd")
+    inputs = variants.Inputs.make(case.shape, case.torch_dtype, "cpu", sets=3)
+    assert len({s.x.data_ptr() for s in inputs.sets}) == 3
+    assert all(torch.equal(s.x, inputs.x) and torch.equal(s.grad_y, inputs.grad_y) for s in inputs.sets)
+    inputs.sets[1].x.fill_(-1.0)   # BN then ReLU of a constant channel: all zeros
+    step = variants.build_step("fused:reference", case, "cpu", inputs)
+    outputs = [step.fn() for _ in range(4)]
+    assert [bool(y.eq(0).all()) for y in outputs] == [False, True, False, False]
+    assert torch.equal(outputs[0], outputs[3])
+
+
+def test_rotation_sets_exceed_the_cache_within_limits():
+    shape, f32 = (16, 128, 56, 56), torch.float32   # 25.7 MB per tensor, 4 per set
+    assert variants.rotation_sets(shape, f32, 0) == 1
+    assert variants.rotation_sets(shape, f32, 480 * 1024 ** 2) == 6
+    assert variants.rotation_sets((2, 4, 3, 3), f32, 480 * 1024 ** 2) == 32
+    assert variants.rotation_sets(shape, f32, 10 ** 12, max_bytes=300 * 1024 ** 2) == 3
+    assert cases.preset("default", "cpu").rotation_bytes() == cases.last_level_cache_bytes() > 0
+    with pytest.raises(ValueError, match="rotate_bytes"):
+        dataclasses.replace(cases.preset("default", "cpu"), rotate_bytes=-1)
+
+
 def test_keep_freed_memory_says_what_it_did():
     from taskrouting.benchmarking.allocator import keep_freed_memory
     said = keep_freed_memory()

@@ -179,6 +179,27 @@ def test_large_output_streams_by_default(monkeypatch):
     torch.testing.assert_close(streamed["y"], run("reference", case)["y"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("has_weight,has_bias", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("wants", ["x", "params", "weight", "bias", "all"])
+def test_gradients_of_any_subset_of_inputs(has_weight, has_bias, wants):
+    """The autograd wiring (C++ for this backend) maps gradients to the right inputs whichever
+    optional parameters are given and whichever inputs require grad."""
+    case = make_case((3, 5, 4, 2), seed=4)
+    results = {}
+    for backend in ("reference", BACKEND):
+        x = case["x"].clone().requires_grad_(wants in ("x", "all"))
+        w = case["weight"].clone().requires_grad_(wants in ("params", "weight", "all")) if has_weight else None
+        b = case["bias"].clone().requires_grad_(wants in ("params", "bias", "all")) if has_bias else None
+        y = ops.bn_relu_route(x, case["masks"], case["task"], w, b, training=True, backend=backend)
+        leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+        if not leaves:
+            assert not y.requires_grad
+            return
+        results[backend] = torch.autograd.grad(y, leaves, case["grad"])
+    for got, want in zip(results[BACKEND], results["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_stage_ops_compose_to_the_fused_op():
     case = make_case((5, 6, 4, 3), per_sample=True)
     x, route = case["x"], case["masks"][case["task"]]

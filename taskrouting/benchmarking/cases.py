@@ -15,12 +15,13 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 __all__ = ["Shape", "MODES", "DTYPES", "Case", "Sweep", "ModelSettings", "Settings", "SWEEPS",
            "HEADLINE", "TASKS", "SHARING_RATIOS", "vgg11_shapes", "parse_shapes", "parse_dtype",
-           "parse_mode", "shape_label", "build_sweeps", "unique_cases", "preset", "PRESETS",
+           "parse_mode", "shape_label", "last_level_cache_bytes", "build_sweeps", "unique_cases", "preset", "PRESETS",
            "default_device", "settings_from_env"]
 
 Shape = tuple[int, ...]
@@ -214,6 +215,15 @@ class Settings:
     seed: int = 0
     model: ModelSettings | None = field(default_factory=ModelSettings)
     malloc: str = "keep"                    # CPU: "keep" freed memory (see allocator.py) or "default"
+    # Inputs rotate through copies totalling more than this many bytes, so that calls start from
+    # cold cache as in training (variants.Inputs). None: the last-level cache size on the CPU;
+    # 0 on the GPU, whose L2 the timer flushes before every call instead.
+    rotate_bytes: int | None = None
+
+    def rotation_bytes(self) -> int:
+        if self.rotate_bytes is not None:
+            return self.rotate_bytes
+        return 0 if torch.device(self.device).type == "cuda" else last_level_cache_bytes()
 
     def __post_init__(self):
         for mode in self.modes + self.sweep_modes:
@@ -221,6 +231,8 @@ class Settings:
         unknown = set(self.sweeps) - set(SWEEPS)
         if unknown:
             raise ValueError(f"unknown sweeps {sorted(unknown)}; choose from {SWEEPS}")
+        if self.rotate_bytes is not None and self.rotate_bytes < 0:
+            raise ValueError(f"rotate_bytes must be >= 0, got {self.rotate_bytes}")
         if self.malloc not in ("keep", "default"):
             raise ValueError(f"malloc must be 'keep' or 'default', got {self.malloc!r}")
         if self.repeats < 1 or self.warmup < 0 or (self.sweep_repeats is not None and self.sweep_repeats < 1):
@@ -229,6 +241,22 @@ class Settings:
             raise ValueError("numbers of tasks must be >= 1")
         if any(not 0.0 <= s <= 1.0 for s in self.sharing_ratios + (self.sharing_ratio,)):
             raise ValueError("sharing ratios must be in [0, 1]")
+
+
+def last_level_cache_bytes(default: int = 32 * 1024 ** 2) -> int:
+    """Size of the largest CPU cache (Linux sysfs), else ``default``."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = path.read_text().strip().upper()
+        except OSError:
+            continue
+        units = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
+        if text[-1:] in units and text[:-1].isdigit():
+            sizes.append(int(text[:-1]) * units[text[-1]])
+        elif text.isdigit():
+            sizes.append(int(text))
+    return max(sizes, default=default)
 
 
 def build_sweeps(settings: Settings) -> list[Sweep]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__, ops
+from .cases import last_level_cache_bytes
 
 __all__ = ["cpu_model", "environment"]
 
@@ -72,4 +73,6 @@ def environment(device) -> dict:
     }
     if device.type == "cuda":
         info.update(_gpu(device))
+    else:
+        info["last_level_cache_mib"] = round(last_level_cache_bytes() / 1024 ** 2)
     return info

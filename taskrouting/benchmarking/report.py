@@ -37,6 +37,12 @@ def _environment_lines(report: Report) -> list[str]:
              f"{report.settings['warmup']} warm-up calls"]
     if env.get("host_malloc", "default") != "default":
         lines.append(f"host memory: {env['host_malloc']}")
+    rotate = report.settings.get("rotate_bytes")
+    if env.get("device", "cpu").startswith("cpu") and rotate != 0:
+        cache = env.get("last_level_cache_mib")
+        lines.append(f"inputs: each call takes the next of several copies, together larger than "
+                     f"{'the ' + str(cache) + ' MiB last-level cache' if rotate is None else str(rotate) + ' bytes'}, "
+                     f"so that no call finds its input cached by the call before")
     return lines
 
 
@@ -74,6 +80,8 @@ def format_table(report: Report) -> str:
             copy = next((r for r in report.rows if r["variant"] == "copy" and r["status"] == "ok"
                          and (r["sweep"], r["shape"], r["dtype"]) == group), None)
             extra = f"  (copy {copy['median_ms']:.4g} ms, {copy['gbps']:.3g} GB/s)" if copy else ""
+            if (row.get("input_sets") or 1) > 1:
+                extra += f"  [inputs rotate through {row['input_sets']} copies]"
             lines += ["", f"== {row['sweep']}: {row['shape']} {row.get('dtype') or ''}{extra}"]
             case = None
         if row["variant"] == "copy":

@@ -24,7 +24,7 @@ from .environment import environment
 from .model import model_step, model_variants
 from .timing import calibrate, first_call, interleaved, make_timer, paired_ratio, peak_memory, summarize
 from .variants import (Inputs, Skip, Step, build_step, check_fused, dynamo_limits, fused_backends,
-                       step_key, variant_names)
+                       rotation_sets, step_key, variant_names)
 
 __all__ = ["COLUMNS", "RATIO_TO", "Measured", "Report", "validate", "run", "run_group", "run_model"]
 
@@ -33,7 +33,7 @@ RATIO_TO = ("reference", "compiled", "plain", "baseline")   # the vs_* columns
 COLUMNS = ["sweep", "shape", "dtype", "mode", "stats", "num_tasks", "sharing_ratio", "active_fraction",
            "variant", "status", "reason", "median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms",
            "repeats", "inner", "bytes_moved", "gbps", "copy_gbps", "copy_fraction", "peak_mem_mib",
-           "compile_s", "baseline"]
+           "compile_s", "baseline", "input_sets"]
 COLUMNS += [f"vs_{name}{suffix}" for name in RATIO_TO for suffix in ("", "_q1", "_q3")]
 
 
@@ -154,7 +154,8 @@ def run_group(sweep: Sweep, cases: tuple[Case, ...], variants: list[str], settin
     """Measure every variant of ``cases`` (one shape and dtype), repeats interleaved."""
     torch._dynamo.reset()   # only this group's graphs in dynamo's cache
     device = torch.device(settings.device)
-    inputs = Inputs.make(cases[0].shape, cases[0].torch_dtype, device, settings.seed)
+    shape, dtype = cases[0].shape, cases[0].torch_dtype
+    inputs = Inputs.make(shape, dtype, device, settings.seed, rotation_sets(shape, dtype, settings.rotation_bytes()))
     measured: dict[tuple, Measured] = {}
     for case in cases:
         for variant in variants:
@@ -170,6 +171,8 @@ def run_group(sweep: Sweep, cases: tuple[Case, ...], variants: list[str], settin
     rows = [_case_row(sweep, case, v, measured) for case in cases for v in variants if v != "copy"]
     if "copy" in variants:
         rows.append(_copy_row(sweep, cases[0], measured[step_key("copy", cases[0])]))
+    for row in rows:
+        row["input_sets"] = len(inputs.sets)
     return rows
 
 

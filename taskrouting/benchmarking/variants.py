@@ -14,7 +14,8 @@ training, one task per batch), so selecting the task's mask is part of what is t
 variants get the task as a Python int. ``compiled`` gets it as a per-sample LongTensor ``[N]``
 (every entry the same task): a Python int would make dynamo recompile for every task, and a
 0-d tensor task does not compile (``masks[task]`` in ``select_route`` needs ``.item()``, which
-inductor rejects as of torch 2.13, so dynamo falls back to eager). Forward-only steps run under
+inductor rejects as of torch 2.13, so dynamo falls back to eager). Every call also takes the next
+input set of the group's rotation (:class:`Inputs`). Forward-only steps run under
 ``torch.no_grad()``; forward+backward steps call ``torch.autograd.grad`` for ``x`` and the
 BatchNorm parameters (nothing accumulates into ``.grad``).
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,7 +37,7 @@ from ..router import TaskRouter
 from .cases import Case, Shape
 from .traffic import copy_bytes, op_bytes
 
-__all__ = ["VARIANTS", "Skip", "Inputs", "Step", "ReferenceBlock", "PlainBlock", "variant_names",
+__all__ = ["VARIANTS", "Skip", "InputSet", "Inputs", "rotation_sets", "Step", "ReferenceBlock", "PlainBlock", "variant_names",
            "fused_backends", "build_step", "step_key", "case_masks", "task_order", "check_fused",
            "dynamo_limits"]
 
@@ -81,20 +83,49 @@ class PlainBlock(nn.Module):
 
 
 @dataclass
-class Inputs:
-    """The tensors one ``(shape, dtype)`` group shares: ``x`` (and a view of it that requires
-    grad), the incoming gradient and the destination of the copy."""
+class InputSet:
+    """``x`` (and a view of it that requires grad), the incoming gradient, the copy's destination."""
     x: torch.Tensor
     x_grad: torch.Tensor
     grad_y: torch.Tensor
     out: torch.Tensor
 
+
+@dataclass
+class Inputs:
+    """The tensors one ``(shape, dtype)`` group shares, in ``sets`` copies (same values, own
+    memory) that consecutive calls rotate through: with enough of them no call finds its input
+    still in cache from the call before, as in training, where every step brings new
+    activations. ``x``, ``grad_y``, ... are the first set's."""
+    sets: list[InputSet]
+
     @classmethod
-    def make(cls, shape: Shape, dtype: torch.dtype, device, seed: int = 0) -> "Inputs":
+    def make(cls, shape: Shape, dtype: torch.dtype, device, seed: int = 0, sets: int = 1) -> "Inputs":
         g = torch.Generator(device).manual_seed(seed)
         x = (torch.randn(shape, generator=g, device=device) * 1.5 + 0.3).to(dtype)
         grad_y = torch.randn(shape, generator=g, device=device).to(dtype)
-        return cls(x, x.detach().requires_grad_(True), grad_y, torch.empty_like(x))
+        copies = [(x, grad_y)] + [(x.clone(), grad_y.clone()) for _ in range(sets - 1)]
+        return cls([InputSet(a, a.detach().requires_grad_(True), b, torch.empty_like(a)) for a, b in copies])
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.sets[0].x
+
+    @property
+    def grad_y(self) -> torch.Tensor:
+        return self.sets[0].grad_y
+
+    def rotation(self):
+        """An endless iterator over the sets, in order."""
+        return itertools.cycle(self.sets)
+
+
+def rotation_sets(shape: Shape, dtype: torch.dtype, cache_bytes: int, max_bytes: int = 2 * 1024 ** 3) -> int:
+    """Input sets so that one rotation (x, grad_y and the copy's destination of each set, plus
+    the outputs each call writes) exceeds ``cache_bytes``; at most ``max_bytes`` in all, 1 to 32."""
+    per_set = 4 * math.prod(shape) * dtype.itemsize   # x, grad_y, out + the call's own output
+    wanted = math.ceil(cache_bytes / per_set) + 1 if cache_bytes > 0 else 1
+    return max(1, min(32, wanted, max_bytes // per_set))
 
 
 @dataclass
@@ -179,17 +210,17 @@ def _tasks_for(variant: str, case: Case, device, seed: int) -> list:
 
 def _module_fn(block: nn.Module, params: list[torch.Tensor], case: Case, inputs: Inputs,
                tasks: list) -> Callable[[], object]:
-    cycle = itertools.cycle(tasks)
+    cycle, sets = itertools.cycle(tasks), inputs.rotation()
     if not case.backward:
         def forward():
             with torch.no_grad():
-                return block(inputs.x, next(cycle))
+                return block(next(sets).x, next(cycle))
         return forward
-    wrt = (inputs.x_grad, *params)
 
     def forward_backward():
-        y = block(inputs.x_grad, next(cycle))
-        return torch.autograd.grad(y, wrt, inputs.grad_y)
+        s = next(sets)
+        y = block(s.x_grad, next(cycle))
+        return torch.autograd.grad(y, (s.x_grad, *params), s.grad_y)
     return forward_backward
 
 
@@ -210,7 +241,12 @@ def build_step(variant: str, case: Case, device, inputs: Inputs | None = None, s
     inputs = inputs or Inputs.make(case.shape, case.torch_dtype, device, seed)
     key = step_key(variant, case)
     if variant == "copy":
-        return Step(key, variant, lambda: inputs.out.copy_(inputs.x),
+        sets = inputs.rotation()
+
+        def copy():
+            s = next(sets)
+            return s.out.copy_(s.x)
+        return Step(key, variant, copy,
                     copy_bytes(case.shape, case.torch_dtype.itemsize), 1.0)
     masks = case_masks(case, seed)
     active = 1.0 if variant == "plain" else float(masks.sum(1).double().mean()) / case.channels

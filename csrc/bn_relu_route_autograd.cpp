@@ -1,0 +1,96 @@
+// Autograd of taskrouting::bn_relu_route for the compiled kernels, on every device: the forward
+// op below autograd, then taskrouting::bn_relu_route_backward with what it saved.
+//
+// In C++ rather than with torch.library.register_autograd (which the Triton family uses, same
+// wiring: taskrouting/ops.py) because the Python wrapper costs ~30 us a call on torch 2.13,
+// most of it re-reading the op's schema: more than the kernels take on a 16x512x7x7 layer.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace taskrouting {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using Forward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, const std::optional<Tensor>&, bool, double, bool, bool);
+using Backward = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+    const Tensor&, const Tensor&, const Tensor&, bool, bool, std::array<bool, 3>);
+
+const c10::TypedOperatorHandle<Forward>& forward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("taskrouting::bn_relu_route", "").typed<Forward>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<Backward>& backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("taskrouting::bn_relu_route_backward", "").typed<Backward>();
+  return op;
+}
+
+std::optional<Tensor> optional_of(const Tensor& t) {
+  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
+}
+
+class BNReLURoute : public torch::autograd::Function<BNReLURoute> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& route,
+                               const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                               const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+                               bool training, double eps, bool routed_stats, bool stats_all_channels) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, mean, invstd, var, count] =
+        forward_op().call(x, route, weight, bias, running_mean, running_var, training, eps, routed_stats,
+                          stats_all_channels);
+    ctx->save_for_backward({x, route, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, invstd, count});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["routed_stats"] = routed_stats;
+    ctx->mark_non_differentiable({mean, invstd, var, count});
+    return {y, mean, invstd, var, count};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &route = saved[1], &weight = saved[2], &bias = saved[3];
+    // needs_input_grad counts the tensor arguments that were given: x, route, then weight and
+    // bias when present.
+    int64_t edge = 2;
+    const bool need_w = weight.defined() && ctx->needs_input_grad(edge++);
+    const bool need_b = bias.defined() && ctx->needs_input_grad(edge++);
+    const std::array<bool, 3> mask{ctx->needs_input_grad(0), need_w, need_b};
+    variable_list out(10);
+    if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return out;
+    auto [gx, gw, gb] = backward_op().call(grads[0], x, route, optional_of(weight), optional_of(bias), saved[4],
+                                           saved[5], saved[6], ctx->saved_data["training"].toBool(),
+                                           ctx->saved_data["routed_stats"].toBool(), mask);
+    if (mask[0]) out[0] = gx;
+    if (mask[1]) out[2] = gw;
+    if (mask[2]) out[3] = gb;
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_relu_route_autograd(
+    const Tensor& x, const Tensor& route, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, bool training,
+    double eps, bool routed_stats, bool stats_all_channels) {
+  const variable_list out = BNReLURoute::apply(x, route, weight, bias, running_mean, running_var, training, eps,
+                                               routed_stats, stats_all_channels);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(taskrouting, Autograd, m) { m.impl("bn_relu_route", &bn_relu_route_autograd); }
+
+}  // namespace taskrouting
