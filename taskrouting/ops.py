@@ -6,10 +6,12 @@ Each backend is a family of ``torch.library`` ops with one schema (defined here,
 * ``taskrouting::triton_<name>`` Triton kernels (``taskrouting/triton_bn_relu_route.py``);
 
 plus ``reference``, the pure-PyTorch path (``taskrouting/reference.py``) every kernel is
-checked against. ``bn_relu_route`` and ``bn_relu_route_backward`` are the fused one-pass
-ops; the stage ops (``channel_stats`` → combine → ``normalize_relu_route``; backward:
-``backward_reduce`` → combine → ``backward_apply``) are the same math split where a
-multi-process all-reduce of the per-channel sums would go.
+checked against. Fake kernels are registered here for both families; autograd too, except that
+the compiled extension registers the native family's in C++ (same wiring, less overhead).
+``bn_relu_route`` and ``bn_relu_route_backward`` are the fused one-pass ops; the stage ops
+(``channel_stats`` → combine → ``normalize_relu_route``; backward: ``backward_reduce`` →
+combine → ``backward_apply``) are the same math split where a multi-process all-reduce of the
+per-channel sums would go.
 """
 from __future__ import annotations
 

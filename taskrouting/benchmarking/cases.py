@@ -21,8 +21,8 @@ import torch
 
 __all__ = ["Shape", "MODES", "DTYPES", "Case", "Sweep", "ModelSettings", "Settings", "SWEEPS",
            "HEADLINE", "TASKS", "SHARING_RATIOS", "vgg11_shapes", "parse_shapes", "parse_dtype",
-           "parse_mode", "shape_label", "last_level_cache_bytes", "build_sweeps", "unique_cases", "preset", "PRESETS",
-           "default_device", "settings_from_env"]
+           "parse_mode", "shape_label", "last_level_cache_bytes", "build_sweeps", "unique_cases", "preset",
+           "PRESETS", "default_device", "settings_from_env"]
 
 Shape = tuple[int, ...]
 

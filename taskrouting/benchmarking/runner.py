@@ -155,7 +155,8 @@ def run_group(sweep: Sweep, cases: tuple[Case, ...], variants: list[str], settin
     torch._dynamo.reset()   # only this group's graphs in dynamo's cache
     device = torch.device(settings.device)
     shape, dtype = cases[0].shape, cases[0].torch_dtype
-    inputs = Inputs.make(shape, dtype, device, settings.seed, rotation_sets(shape, dtype, settings.rotation_bytes()))
+    sets = rotation_sets(shape, dtype, settings.rotation_bytes())
+    inputs = Inputs.make(shape, dtype, device, settings.seed, sets)
     measured: dict[tuple, Measured] = {}
     for case in cases:
         for variant in variants:

@@ -37,8 +37,8 @@ from ..router import TaskRouter
 from .cases import Case, Shape
 from .traffic import copy_bytes, op_bytes
 
-__all__ = ["VARIANTS", "Skip", "InputSet", "Inputs", "rotation_sets", "Step", "ReferenceBlock", "PlainBlock", "variant_names",
-           "fused_backends", "build_step", "step_key", "case_masks", "task_order", "check_fused",
+__all__ = ["VARIANTS", "Skip", "InputSet", "Inputs", "rotation_sets", "Step", "ReferenceBlock", "PlainBlock",
+           "variant_names", "fused_backends", "build_step", "step_key", "case_masks", "task_order", "check_fused",
            "dynamo_limits"]
 
 VARIANTS = {
