@@ -235,25 +235,41 @@ struct StatsOut {
 };
 
 // ---------------------------------------------------------------------------- planes layout
-// A run of consecutive elements of x: part of one (n, c) plane.
-struct Segment {
-  int64_t offset, len;
+// One channel of a planes-layout tensor: sample n's plane of `size` (S) elements starts at
+// base + n * stride (stride C * S).
+template <typename T>
+struct Channel {
+  T* base;
+  int64_t stride, samples, size;
+  T* plane(int64_t n) const { return base + n * stride; }
 };
 
-// f(segments, count, elements) for channel c's planes (those routed through c if only_routed)
-// in chunks of about kBlock elements: pieces of one plane when planes are large, several whole
+template <typename T>
+Channel<T> channel_of(T* t, Shape sh, int64_t c) {
+  return {t + c * sh.s, sh.c * sh.s, sh.n, sh.s};
+}
+
+// Channel c's route alone: at(n, 0) is r.at(n, c).
+Route channel_route(Route r, int64_t c) { return {r.mask + c, r.channels, r.per_sample}; }
+
+// A run of consecutive elements of a channel: elements [start, start + len) of plane n.
+struct Segment {
+  int64_t n, start, len;
+};
+
+// f(segments, count, elements) over the channel's planes (those routed if only_routed) in
+// chunks of about kBlock elements: pieces of one plane when planes are large, several whole
 // planes when they are small, so that per-chunk costs (reductions, merges) stay amortised.
-template <typename F>
-void for_each_chunk(Shape sh, int64_t c, Route r, bool only_routed, const F& f) {
+template <typename T, typename F>
+void for_each_chunk(const Channel<T>& ch, Route rc, bool only_routed, const F& f) {
   constexpr int kMaxSegments = 64;
   Segment seg[kMaxSegments];
   int count = 0;
   int64_t elements = 0;
-  for (int64_t n = 0; n < sh.n; ++n) {
-    if (only_routed && !r.at(n, c)) continue;
-    const int64_t base = (n * sh.c + c) * sh.s;
-    for (int64_t i = 0; i < sh.s; i += kBlock) {
-      seg[count++] = {base + i, std::min(kBlock, sh.s - i)};
+  for (int64_t n = 0; n < ch.samples; ++n) {
+    if (only_routed && !rc.at(n, 0)) continue;
+    for (int64_t i = 0; i < ch.size; i += kBlock) {
+      seg[count++] = {n, i, std::min(kBlock, ch.size - i)};
       elements += seg[count - 1].len;
       if (elements >= kBlock || count == kMaxSegments) {
         f(seg, count, elements);
@@ -264,49 +280,51 @@ void for_each_chunk(Shape sh, int64_t c, Route r, bool only_routed, const F& f) 
   if (count > 0) f(seg, count, elements);
 }
 
-// Statistics of channel c: two passes over each chunk (sum, then squared deviations from the
+// Statistics of a channel: two passes over each chunk (sum, then squared deviations from the
 // chunk's mean, while it is in L1), chunks merged with Chan's formula.
-template <typename scalar_t, typename acc_t>
-Welford<acc_t> plane_stats(const scalar_t* x, Shape sh, int64_t c, Route r, bool routed, acc_t* buf) {
+template <typename in_t, typename acc_t>
+Welford<acc_t> plane_stats(Channel<const in_t> x, Route rc, bool routed, acc_t* buf) {
   Welford<acc_t> w;
-  for_each_chunk(sh, c, r, routed, [&](const Segment* seg, int count, int64_t elements) {
+  for_each_chunk(x, rc, routed, [&](const Segment* seg, int count, int64_t elements) {
     Partial<acc_t> sum, squares;
-    for (int j = 0; j < count; ++j) add_values(load_block(x + seg[j].offset, seg[j].len, buf), seg[j].len, sum);
+    for (int j = 0; j < count; ++j)
+      add_values(load_block(x.plane(seg[j].n) + seg[j].start, seg[j].len, buf), seg[j].len, sum);
     const acc_t mean = sum.total() / acc_t(elements);
     for (int j = 0; j < count; ++j)
-      add_centered_squares(load_block(x + seg[j].offset, seg[j].len, buf), seg[j].len, Vec<acc_t>(mean), squares);
+      add_centered_squares(load_block(x.plane(seg[j].n) + seg[j].start, seg[j].len, buf), seg[j].len,
+                           Vec<acc_t>(mean), squares);
     welford_merge(w, mean, squares.total(), acc_t(elements));
   });
   return w;
 }
 
-template <typename scalar_t, typename acc_t>
-void plane_apply(const scalar_t* x, scalar_t* y, Shape sh, int64_t c, Route r, bool used,
-                 ScaleShift<acc_t> s, const Writer<scalar_t>& out) {
-  for (int64_t n = 0; n < sh.n; ++n) {
-    const int64_t off = (n * sh.c + c) * sh.s;
-    if (!used || !r.at(n, c)) {
-      out.zero(y + off, sh.s);
+template <typename in_t, typename out_t, typename acc_t>
+void plane_apply(Channel<const in_t> x, Channel<out_t> y, Route rc, bool used, ScaleShift<acc_t> s,
+                 const Writer<out_t>& out) {
+  for (int64_t n = 0; n < x.samples; ++n) {
+    out_t* yp = y.plane(n);
+    if (!used || !rc.at(n, 0)) {
+      out.zero(yp, x.size);
       continue;
     }
-    for (int64_t i = 0; i < sh.s; i += kBlock) {
-      const int64_t len = std::min(kBlock, sh.s - i);
-      relu_affine_into(load_block(x + off + i, len, out.scratch.a.data()), out.block(y + off + i), len, s);
-      out.store(y + off + i, len);
+    for (int64_t i = 0; i < x.size; i += kBlock) {
+      const int64_t len = std::min(kBlock, x.size - i);
+      relu_affine_into(load_block(x.plane(n) + i, len, out.scratch.a.data()), out.block(yp + i), len, s);
+      out.store(yp + i, len);
     }
   }
 }
 
-// sums[0] = sum(g), sums[1] = sum(g * (x - mean)) over channel c; g is zero where not routed.
-template <typename scalar_t, typename acc_t>
-void plane_grad_sums(const scalar_t* x, const scalar_t* dy, Shape sh, int64_t c, Route r,
-                     ScaleShift<acc_t> s, acc_t mean, acc_t* sums, acc_t* buf, acc_t* dbuf) {
+// sums[0] = sum(g), sums[1] = sum(g * (x - mean)) over a channel; g is zero where not routed.
+template <typename in_t, typename acc_t>
+void plane_grad_sums(Channel<const in_t> x, Channel<const in_t> dy, Route rc, ScaleShift<acc_t> s, acc_t mean,
+                     acc_t* sums, acc_t* buf, acc_t* dbuf) {
   double sg = 0, sgx = 0;  // across chunks in double: millions of terms per channel
-  for_each_chunk(sh, c, r, true, [&](const Segment* seg, int count, int64_t) {
+  for_each_chunk(x, rc, true, [&](const Segment* seg, int count, int64_t) {
     Partial<acc_t> acc;
     for (int j = 0; j < count; ++j) {
-      const int64_t off = seg[j].offset, len = seg[j].len;
-      add_grad_sums(load_block(x + off, len, buf), load_block(dy + off, len, dbuf), len, s, mean, acc);
+      const int64_t n = seg[j].n, i = seg[j].start, len = seg[j].len;
+      add_grad_sums(load_block(x.plane(n) + i, len, buf), load_block(dy.plane(n) + i, len, dbuf), len, s, mean, acc);
     }
     sg += reduce_sum(acc.v0 + acc.v2);
     sgx += reduce_sum(acc.v1 + acc.v3);
@@ -315,24 +333,24 @@ void plane_grad_sums(const scalar_t* x, const scalar_t* dy, Shape sh, int64_t c,
   sums[1] = acc_t(sgx);
 }
 
-template <typename scalar_t, typename acc_t>
-void plane_grad_apply(const scalar_t* x, const scalar_t* dy, scalar_t* dx, Shape sh, int64_t c,
-                      Route r, bool used, bool needs_x, bool routed_stats, ScaleShift<acc_t> s,
-                      GradCoef<acc_t> k, const Writer<scalar_t>& out) {
-  Scratch<scalar_t>& buf = out.scratch;
-  for (int64_t n = 0; n < sh.n; ++n) {
-    const int64_t off = (n * sh.c + c) * sh.s;
-    const bool through = used && r.at(n, c);
+template <typename in_t, typename out_t, typename acc_t>
+void plane_grad_apply(Channel<const in_t> x, Channel<const in_t> dy, Channel<out_t> dx, Route rc, bool used,
+                      bool needs_x, bool routed_stats, ScaleShift<acc_t> s, GradCoef<acc_t> k,
+                      const Writer<out_t>& out) {
+  Scratch<out_t>& buf = out.scratch;
+  for (int64_t n = 0; n < x.samples; ++n) {
+    out_t* dp = dx.plane(n);
+    const bool through = used && rc.at(n, 0);
     if (!grad_reaches(used, through, needs_x, routed_stats)) {
-      out.zero(dx + off, sh.s);
+      out.zero(dp, x.size);
       continue;
     }
-    for (int64_t i = 0; i < sh.s; i += kBlock) {
-      const int64_t len = std::min(kBlock, sh.s - i);
-      grad_apply(load_block(x + off + i, len, buf.a.data()),
-                 through ? load_block(dy + off + i, len, buf.b.data()) : nullptr, out.block(dx + off + i), len, s,
-                 k, through);
-      out.store(dx + off + i, len);
+    for (int64_t i = 0; i < x.size; i += kBlock) {
+      const int64_t len = std::min(kBlock, x.size - i);
+      grad_apply(load_block(x.plane(n) + i, len, buf.a.data()),
+                 through ? load_block(dy.plane(n) + i, len, buf.b.data()) : nullptr, out.block(dp + i), len, s, k,
+                 through);
+      out.store(dp + i, len);
     }
   }
 }
@@ -617,7 +635,8 @@ void compute_stats(const Prepared& p, bool routed, bool all_channels, StatsOut<a
   }
   for_each_plane<scalar_t>(p, false, {x, nullptr, !routed && all_channels}, [&](int64_t c, const Writer<scalar_t>& buf) {
     Welford<acc_t> w;
-    if (wants_stats(p.used[c], routed, all_channels)) w = plane_stats(x, p.sh, c, p.r, routed, buf.scratch.a.data());
+    if (wants_stats(p.used[c], routed, all_channels))
+      w = plane_stats(channel_of(x, p.sh, c), channel_route(p.r, c), routed, buf.scratch.a.data());
     out.mean[c] = w.mean, out.var[c] = biased_var(w), out.count[c] = w.count;
   });
 }
@@ -654,7 +673,8 @@ void apply_forward(const Prepared& p, Tensor& y, const Tensor& mean, const Tenso
     return;
   }
   for_each_plane<scalar_t>(p, streams(y), {x, nullptr, false}, [&](int64_t c, const Writer<scalar_t>& writer) {
-    plane_apply(x, out, p.sh, c, p.r, p.used[c], ScaleShift<acc_t>{scale[c], shift[c]}, writer);
+    plane_apply(channel_of(x, p.sh, c), channel_of(out, p.sh, c), channel_route(p.r, c), p.used[c],
+                ScaleShift<acc_t>{scale[c], shift[c]}, writer);
   });
 }
 
@@ -695,11 +715,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_relu_route_cpu(
       const acc_t *wp = w.data_ptr<acc_t>(), *bp = b.data_ptr<acc_t>();
       const PlaneReads<scalar_t> reads{x, nullptr, !routed_stats && stats_all_channels};
       for_each_plane<scalar_t>(p, streams(y), reads, [&](int64_t c, const Writer<scalar_t>& writer) {
+        const Channel<const scalar_t> xc = channel_of(x, p.sh, c);
+        const Route rc = channel_route(p.r, c);
         Welford<acc_t> st;
         if (wants_stats(p.used[c], routed_stats, stats_all_channels))
-          st = plane_stats(x, p.sh, c, p.r, routed_stats, writer.scratch.a.data());
+          st = plane_stats(xc, rc, routed_stats, writer.scratch.a.data());
         m[c] = st.mean, v[c] = biased_var(st), cnt[c] = st.count, is[c] = inv_std(v[c], eps);
-        plane_apply(x, out, p.sh, c, p.r, p.used[c], scale_shift(m[c], is[c], wp[c], bp[c]), writer);
+        plane_apply(xc, channel_of(out, p.sh, c), rc, p.used[c], scale_shift(m[c], is[c], wp[c], bp[c]), writer);
       });
     } else {
       apply_forward<scalar_t>(p, y, mean, invstd, w, b);
@@ -723,8 +745,8 @@ void reduce_grads(const Prepared& p, const Tensor& dy, const Tensor& mean, const
   for_each_plane<scalar_t>(p, false, {x, d, false}, [&](int64_t c, const Writer<scalar_t>& buf) {
     acc_t sums[2] = {0, 0};
     if (p.used[c])
-      plane_grad_sums(x, d, p.sh, c, p.r, ScaleShift<acc_t>{sc[c], sh[c]}, m[c], sums, buf.scratch.a.data(),
-                      buf.scratch.b.data());
+      plane_grad_sums(channel_of(x, p.sh, c), channel_of(d, p.sh, c), channel_route(p.r, c),
+                      ScaleShift<acc_t>{sc[c], sh[c]}, m[c], sums, buf.scratch.a.data(), buf.scratch.b.data());
     sg[c] = sums[0], sgx[c] = sums[1];
   });
 }
@@ -741,8 +763,9 @@ void apply_grads(const Prepared& p, const Tensor& dy, Tensor& dx, const Tensor& 
     return;
   }
   for_each_plane<scalar_t>(p, streams(dx), {x, d, false}, [&](int64_t c, const Writer<scalar_t>& writer) {
-    plane_grad_apply(x, d, out, p.sh, c, p.r, p.used[c], training, routed_stats, ScaleShift<acc_t>{sc[c], sh[c]},
-                     k[c], writer);
+    plane_grad_apply(channel_of(x, p.sh, c), channel_of(d, p.sh, c), channel_of(out, p.sh, c),
+                     channel_route(p.r, c), p.used[c], training, routed_stats, ScaleShift<acc_t>{sc[c], sh[c]}, k[c],
+                     writer);
   });
 }
 
@@ -789,12 +812,13 @@ void backward_planes(const BackwardInputs& in, const Tensor& count, bool trainin
   acc_t *sg = sum_dy.data_ptr<acc_t>(), *sgx = sum_dy_xmu.data_ptr<acc_t>();
   for_each_plane<scalar_t>(p, apply && streams(dx), {x, d, false}, [&](int64_t c, const Writer<scalar_t>& writer) {
     const ScaleShift<acc_t> ss{sc[c], sh[c]};
+    const Channel<const scalar_t> xc = channel_of(x, p.sh, c), dc = channel_of(d, p.sh, c);
+    const Route rc = channel_route(p.r, c);
     acc_t sums[2] = {0, 0};
-    if (reduce && p.used[c])
-      plane_grad_sums(x, d, p.sh, c, p.r, ss, m[c], sums, writer.scratch.a.data(), writer.scratch.b.data());
+    if (reduce && p.used[c]) plane_grad_sums(xc, dc, rc, ss, m[c], sums, writer.scratch.a.data(), writer.scratch.b.data());
     sg[c] = sums[0], sgx[c] = sums[1];
     if (apply)
-      plane_grad_apply(x, d, out, p.sh, c, p.r, p.used[c], training, routed_stats, ss,
+      plane_grad_apply(xc, dc, channel_of(out, p.sh, c), rc, p.used[c], training, routed_stats, ss,
                        grad_coef(m[c], is[c], w[c], sums[0], sums[1], training ? cnt[c] : acc_t(0), training),
                        writer);
   });
