@@ -161,7 +161,8 @@ C10_ALWAYS_INLINE void relu_affine_into(const T* x, T* y, int64_t n, ScaleShift<
 // g = dy where the pre-activation is positive; acc.v0/v2 += g, acc.v1/v3 += g * (x - mean)
 // (sum(g) = v0 + v2, sum(g * (x - mean)) = v1 + v3).
 template <typename T>
-C10_ALWAYS_INLINE void add_grad_sums(const T* x, const T* dy, int64_t n, ScaleShift<T> s, T mean, Partial<T>& acc) {
+C10_ALWAYS_INLINE void add_grad_sums(const T* x, const T* dy, int64_t n, ScaleShift<T> s, T mean,
+                                     Partial<T>& acc) {
   constexpr int64_t W = Vec<T>::size();
   const Vec<T> scale(s.scale), shift(s.shift), zero(T(0)), m(mean);
   // Lanes past n load as 0, so g is 0 there (selected, not multiplied: 0 * NaN is NaN).
@@ -182,7 +183,8 @@ C10_ALWAYS_INLINE void add_grad_sums(const T* x, const T* dy, int64_t n, ScaleSh
 
 // dx = g * k.dy_coef + x * k.x_coef + k.bias_coef, with g = 0 where the sample is not routed.
 template <typename T>
-C10_ALWAYS_INLINE void grad_apply(const T* x, const T* dy, T* dx, int64_t n, ScaleShift<T> s, GradCoef<T> k, bool routed) {
+C10_ALWAYS_INLINE void grad_apply(const T* x, const T* dy, T* dx, int64_t n, ScaleShift<T> s, GradCoef<T> k,
+                                  bool routed) {
   constexpr int64_t W = Vec<T>::size();
   const Vec<T> scale(s.scale), shift(s.shift), zero(T(0)), kd(k.dy_coef), kx(k.x_coef), kb(k.bias_coef);
   for (int64_t i = 0; i < n; i += W) {
@@ -633,10 +635,11 @@ void compute_stats(const Prepared& p, bool routed, bool all_channels, StatsOut<a
     rows_stats<scalar_t, acc_t>(x, p.sh, p.r, routed, p.used, all_channels, out);
     return;
   }
-  for_each_plane<scalar_t>(p, false, {x, nullptr, !routed && all_channels}, [&](int64_t c, const Writer<scalar_t>& buf) {
+  const PlaneReads<scalar_t> reads{x, nullptr, !routed && all_channels};
+  for_each_plane<scalar_t>(p, false, reads, [&](int64_t c, const Writer<scalar_t>& writer) {
     Welford<acc_t> w;
     if (wants_stats(p.used[c], routed, all_channels))
-      w = plane_stats(channel_of(x, p.sh, c), channel_route(p.r, c), routed, buf.scratch.a.data());
+      w = plane_stats(channel_of(x, p.sh, c), channel_route(p.r, c), routed, writer.scratch.a.data());
     out.mean[c] = w.mean, out.var[c] = biased_var(w), out.count[c] = w.count;
   });
 }
@@ -742,11 +745,11 @@ void reduce_grads(const Prepared& p, const Tensor& dy, const Tensor& mean, const
     rows_grad_sums<scalar_t, acc_t>(x, d, p.sh, p.r, sc, sh, m, sg, sgx);
     return;
   }
-  for_each_plane<scalar_t>(p, false, {x, d, false}, [&](int64_t c, const Writer<scalar_t>& buf) {
+  for_each_plane<scalar_t>(p, false, {x, d, false}, [&](int64_t c, const Writer<scalar_t>& writer) {
     acc_t sums[2] = {0, 0};
     if (p.used[c])
       plane_grad_sums(channel_of(x, p.sh, c), channel_of(d, p.sh, c), channel_route(p.r, c),
-                      ScaleShift<acc_t>{sc[c], sh[c]}, m[c], sums, buf.scratch.a.data(), buf.scratch.b.data());
+                      ScaleShift<acc_t>{sc[c], sh[c]}, m[c], sums, writer.scratch.a.data(), writer.scratch.b.data());
     sg[c] = sums[0], sgx[c] = sums[1];
   });
 }
@@ -815,7 +818,8 @@ void backward_planes(const BackwardInputs& in, const Tensor& count, bool trainin
     const Channel<const scalar_t> xc = channel_of(x, p.sh, c), dc = channel_of(d, p.sh, c);
     const Route rc = channel_route(p.r, c);
     acc_t sums[2] = {0, 0};
-    if (reduce && p.used[c]) plane_grad_sums(xc, dc, rc, ss, m[c], sums, writer.scratch.a.data(), writer.scratch.b.data());
+    if (reduce && p.used[c])
+      plane_grad_sums(xc, dc, rc, ss, m[c], sums, writer.scratch.a.data(), writer.scratch.b.data());
     sg[c] = sums[0], sgx[c] = sums[1];
     if (apply)
       plane_grad_apply(xc, dc, channel_of(out, p.sh, c), rc, p.used[c], training, routed_stats, ss,

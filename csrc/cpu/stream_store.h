@@ -22,13 +22,17 @@ constexpr int64_t kStreamAlign = 64;
 inline void stream_line(char* dst, const char* src) {
   _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), _mm512_loadu_si512(src));
 }
-inline void stream_zero_line(char* dst) { _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), _mm512_setzero_si512()); }
+inline void stream_zero_line(char* dst) {
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), _mm512_setzero_si512());
+}
 #elif defined(__AVX__)
 constexpr int64_t kStreamAlign = 32;
 inline void stream_line(char* dst, const char* src) {
   _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
 }
-inline void stream_zero_line(char* dst) { _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), _mm256_setzero_si256()); }
+inline void stream_zero_line(char* dst) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), _mm256_setzero_si256());
+}
 #elif defined(__SSE2__)
 constexpr int64_t kStreamAlign = 16;
 inline void stream_line(char* dst, const char* src) {
