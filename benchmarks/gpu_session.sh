@@ -3,10 +3,9 @@
 # is lent a GPU machine (no internet there; its python3 holds torch, triton, pytest, hypothesis).
 # Results go to $OUT (default gpu-results/), a few files per stage.
 #
-#   here, once:   pip download expecttest -d .whl      (opcheck needs it; the GPU image lacks it)
-#   on the GPU:   bash benchmarks/gpu_session.sh test     (carry .whl): build, GPU tests, memcheck
-#                 bash benchmarks/gpu_session.sh shapes   the op over VGG-11's activations
-#                 bash benchmarks/gpu_session.sh sweeps   tasks, sigma and the VGG-11 step
+#   bash benchmarks/gpu_session.sh test     build for the machine's torch, GPU tests, memcheck
+#   bash benchmarks/gpu_session.sh shapes   the op over VGG-11's activations
+#   bash benchmarks/gpu_session.sh sweeps   tasks, sigma and the VGG-11 step
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
@@ -15,7 +14,6 @@ py=${PYTHON:-python3}
 
 case "${1:-}" in
   test)
-    if [ -d .whl ]; then $py -m pip install -q --no-index --find-links .whl expecttest; fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
     # sm_90 only: the machine is an H100 or H200 (the CI check builds sm_80 and sm_90).
     TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 TASKROUTING_BUILD_CUDA=1 \
