@@ -1,6 +1,7 @@
 """Shared helpers for op tests: run a backend of bn_relu_route with autograd, compare results."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from taskrouting import ops
@@ -98,3 +99,41 @@ def assert_matches(result, expected, dtype):
         assert got is not None, key
         assert got.shape == want.shape, key
         torch.testing.assert_close(got.to(want.dtype), want, rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
+
+
+def check_large_tensor(x, forward, backward, channels_last, chunk=2 ** 28):
+    """The 64-bit indexing check of a GPU backend (``forward``/``backward``: its
+    ``bn_relu_route``/``bn_relu_route_backward`` ops) on an ``x`` of > 2^31 elements: the
+    statistics of every channel (channel 0 is masked and must not be read), and y / grad_x of
+    the last 4096 elements in memory."""
+    C = x.shape[1]
+    route = torch.ones(C, dtype=torch.bool, device=x.device)
+    if C > 1:
+        route[0] = False
+    y, mean, invstd, var, count = forward(x, route, None, None, None, None, True, 1e-5, False, False)
+    per_channel = x.numel() // C
+    for c in range(C):
+        if not route[c]:
+            assert mean[c] == 0 and var[c] == 0 and count[c] == 0  # not read
+            continue
+        parts = x.select(1, c).flatten().split(chunk)
+        m = sum(p.double().sum() for p in parts) / per_channel
+        v = sum(((p.double() - m) ** 2).sum() for p in parts) / per_channel
+        assert abs(mean[c].item() - m.item()) < 1e-3, (c, mean[c], m)
+        assert abs(var[c].item() / v.item() - 1) < 1e-3, (c, var[c], v)
+        assert count[c].item() == pytest.approx(per_channel, rel=1e-6)
+
+    def memory_tail(t):
+        in_memory = t.permute(0, *range(2, t.dim()), 1) if channels_last else t
+        return in_memory.reshape(-1)[-4096:].float()
+
+    tail_x = memory_tail(x)
+    chan = (torch.arange(x.numel() - 4096, x.numel(), device=x.device) % C) if channels_last else \
+        torch.full((4096,), C - 1, device=x.device)
+    expect = torch.relu((tail_x - mean[chan]) * invstd[chan]) * route[chan]
+    torch.testing.assert_close(memory_tail(y), expect, atol=3e-2, rtol=2e-2)
+    del y
+    gx, _, _ = backward(torch.ones_like(x), x, route, None, None, mean, invstd, count, False, False,
+                        [True, False, False])
+    expect = ((tail_x - mean[chan]) > 0).float() * invstd[chan] * route[chan]
+    torch.testing.assert_close(memory_tail(gx), expect, atol=3e-2, rtol=2e-2)

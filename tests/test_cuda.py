@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from op_cases import make_case, opcheck_cases, run
+from op_cases import check_large_tensor, make_case, opcheck_cases, run
 from taskrouting import BNReLURoute2d, make_masks, ops
 from taskrouting import reference as R
 
@@ -593,36 +593,7 @@ def test_more_than_2_31_elements(shape, channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.normal_().add_(0.5)
-    C = shape[1]
-    route = torch.ones(C, dtype=torch.bool, device=DEV)
-    if C > 1:
-        route[0] = False
-    y, mean, invstd, var, count = TR.bn_relu_route(x, route, None, None, None, None, True, 1e-5, False, False)
-    per_channel = x.numel() // C
-    for c in range(C):
-        if not route[c]:
-            assert mean[c] == 0 and var[c] == 0 and count[c] == 0  # not read
-            continue
-        parts = x.select(1, c).flatten().split(2 ** 28)
-        m = sum(p.double().sum() for p in parts) / per_channel
-        v = sum(((p.double() - m) ** 2).sum() for p in parts) / per_channel
-        assert abs(mean[c].item() - m.item()) < 1e-3, (c, mean[c], m)
-        assert abs(var[c].item() / v.item() - 1) < 1e-3, (c, var[c], v)
-        assert count[c].item() == pytest.approx(per_channel, rel=1e-6)
-    in_memory = (lambda t: t.permute(0, *range(2, t.dim()), 1)) if channels_last else (lambda t: t)
-    tail_x = in_memory(x).reshape(-1)[-4096:].float()
-    tail_y = in_memory(y).reshape(-1)[-4096:].float()
-    chan = (torch.arange(x.numel() - 4096, x.numel(), device=DEV) % C) if channels_last else \
-        torch.full((4096,), C - 1, device=DEV)
-    expect = torch.relu((tail_x - mean[chan]) * invstd[chan]) * route[chan]
-    torch.testing.assert_close(tail_y, expect, atol=3e-2, rtol=2e-2)
-    del y
-    g = torch.ones_like(x)
-    gx, _, _ = TR.bn_relu_route_backward(g, x, route, None, None, mean, invstd, count, False, False,
-                                         [True, False, False])
-    tail_gx = in_memory(gx).reshape(-1)[-4096:].float()
-    expect = ((tail_x - mean[chan]) > 0).float() * invstd[chan] * route[chan]
-    torch.testing.assert_close(tail_gx, expect, atol=3e-2, rtol=2e-2)
+    check_large_tensor(x, TR.bn_relu_route, TR.bn_relu_route_backward, channels_last)
 
 
 # ----------------------------------------------------------------------------- compute-sanitizer

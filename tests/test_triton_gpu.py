@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 pytest.importorskip("triton")
 
+from op_cases import check_large_tensor  # noqa: E402
 from taskrouting import ops  # noqa: E402
 from taskrouting.masks import make_masks, select_route  # noqa: E402
 
@@ -129,47 +130,11 @@ def test_more_than_2_31_elements(cl):
         shape = (2, 8, 2 ** 13, 2 ** 14 + 1)   # channels_last, 2^31 + 2^17 elements
     else:
         shape = (1, 2, 2 ** 30 + 4096)        # NCHW, 2^31 + 8192 elements
-    _check_tail(shape, cl)
     assert math.prod(shape) > 2 ** 31
-
-
-def _check_tail(shape, cl, chunk=2 ** 28):
-    """Stats of every channel, and y / grad_x of the last 4096 elements in memory."""
-    x = torch.empty(shape, device=DEV, dtype=torch.bfloat16)
-    x = _layout(x, cl)
+    x = _layout(torch.empty(shape, device=DEV, dtype=torch.bfloat16), cl)
     x.normal_().add_(0.5)
-    C = shape[1]
-    route = torch.ones(C, dtype=torch.bool, device=DEV)
-    route[0] = False
     tr = torch.ops.taskrouting
-    y, mean, invstd, var, count = tr.triton_bn_relu_route(x, route, None, None, None, None, True, 1e-5,
-                                                          False, False)
-    hw = x.numel() // C
-    for c in range(1, C):
-        xc = x.select(1, c)
-        parts = xc.flatten().split(chunk)
-        m = sum(p.double().sum() for p in parts) / hw
-        v = sum(((p.double() - m) ** 2).sum() for p in parts) / hw
-        assert abs(mean[c].item() - m.item()) < 1e-3, (c, mean[c], m)
-        assert abs(var[c].item() / v.item() - 1) < 1e-3, (c, var[c], v)
-        assert count[c].item() == pytest.approx(hw, rel=1e-6)
-    assert mean[0] == 0 and var[0] == 0 and count[0] == 0   # masked, not read
-    # the last elements in memory (offsets past 2^31)
-    flat = x.permute(0, *range(2, x.dim()), 1) if cl else x
-    yflat = y.permute(0, *range(2, x.dim()), 1) if cl else y
-    tail_x = flat.reshape(-1)[-4096:].float()
-    tail_y = yflat.reshape(-1)[-4096:].float()
-    chan = (torch.arange(x.numel() - 4096, x.numel(), device=DEV) % C) if cl else \
-        torch.full((4096,), C - 1, device=DEV)
-    expect = torch.relu((tail_x - mean[chan]) * invstd[chan]) * route[chan]
-    torch.testing.assert_close(tail_y, expect, atol=3e-2, rtol=2e-2)
-    del y
-    g = torch.ones_like(x)
-    gx, _, _ = tr.triton_bn_relu_route_backward(g, x, route, None, None, mean, invstd, count, False,
-                                                False, [True, False, False])
-    tail_gx = (gx.permute(0, *range(2, x.dim()), 1) if cl else gx).reshape(-1)[-4096:].float()
-    expect = ((tail_x - mean[chan]) > 0).float() * invstd[chan] * route[chan]
-    torch.testing.assert_close(tail_gx, expect, atol=3e-2, rtol=2e-2)
+    check_large_tensor(x, tr.triton_bn_relu_route, tr.triton_bn_relu_route_backward, cl)
 
 
 def test_bandwidth_report():
