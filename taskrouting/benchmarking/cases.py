@@ -21,8 +21,8 @@ import torch
 
 __all__ = ["Shape", "MODES", "DTYPES", "Case", "Sweep", "ModelSettings", "Settings", "SWEEPS",
            "HEADLINE", "TASKS", "SHARING_RATIOS", "vgg11_shapes", "parse_shapes", "parse_dtype",
-           "parse_mode", "shape_label", "last_level_cache_bytes", "build_sweeps", "unique_cases", "preset",
-           "PRESETS", "default_device", "settings_from_env"]
+           "parse_mode", "shape_label", "ratio_sweep_repeats", "last_level_cache_bytes", "build_sweeps",
+           "unique_cases", "preset", "PRESETS", "default_device", "settings_from_env"]
 
 Shape = tuple[int, ...]
 
@@ -137,6 +137,12 @@ class Case:
         return self.label.replace(" ", "-").replace("=", "")
 
 
+def ratio_sweep_repeats(repeats: int, sweep_repeats: int | None) -> int:
+    """Repeats of the sweeps read as ratios to a baseline case (tasks, sharing_ratio):
+    ``sweep_repeats`` if set, else 3 x ``repeats``."""
+    return sweep_repeats or 3 * repeats
+
+
 @dataclass(frozen=True)
 class Sweep:
     """Cases varying along ``axis`` (a :class:`Case` field, or None for the shapes sweep).
@@ -159,7 +165,7 @@ class Sweep:
         """Interleaved repeats of this sweep's groups."""
         if self.axis is None:
             return settings.repeats
-        return settings.sweep_repeats or 3 * settings.repeats
+        return ratio_sweep_repeats(settings.repeats, settings.sweep_repeats)
 
     def baseline_of(self, case: Case) -> Case | None:
         """The case this one is compared with along the axis (e.g. the same case at T = 1)."""

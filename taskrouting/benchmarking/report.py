@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from .cases import HEADLINE, shape_label
+from .cases import HEADLINE, ratio_sweep_repeats, shape_label
 from .runner import COLUMNS, Report, json_safe
 from .variants import VARIANTS
 
@@ -33,7 +33,8 @@ def _environment_lines(report: Report) -> list[str]:
              f"torch {env['torch']}, triton {env['triton']}, python {env['python']}, "
              f"taskrouting {env['taskrouting']} ({env['git_commit']}); backends: {', '.join(env['backends'])}",
              f"timer: {report.timer}; preset {report.settings['preset']}, {report.settings['repeats']} repeats "
-             f"({report.settings.get('sweep_repeats') or 3 * report.settings['repeats']} in the tasks and sigma sweeps), "
+             f"({ratio_sweep_repeats(report.settings['repeats'], report.settings.get('sweep_repeats'))} in the tasks "
+             f"and sigma sweeps), "
              f"{report.settings['warmup']} warm-up calls"]
     if env.get("host_malloc", "default") != "default":
         lines.append(f"host memory: {env['host_malloc']}")
