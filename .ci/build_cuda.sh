@@ -70,7 +70,7 @@ cd "$WORK"  # import the installed package, not the source tree
 "$PY" - <<'EOF'
 import torch
 import taskrouting
-from taskrouting import _extension
+from taskrouting.ops import extension as _extension
 assert _extension.loaded(), _extension.LOAD_ERROR
 missing = [op for op in ("bn_relu_route", "bn_relu_route_backward", "channel_stats", "normalize_relu_route",
                          "backward_reduce", "backward_apply", "update_running_stats")

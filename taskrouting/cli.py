@@ -53,7 +53,7 @@ def _task_selection(text: str):
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     from .data import DATASETS
-    from .train import BN_EVAL, MODELS, TrainConfig
+    from .training.config import BN_EVAL, MODELS, TrainConfig
 
     d = TrainConfig()
     data = p.add_argument_group("data")
@@ -131,7 +131,7 @@ def _model_kwargs(args) -> dict:
 
 
 def _config(args):
-    from .train import TrainConfig
+    from .training.config import TrainConfig
 
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                        weight_decay=args.weight_decay, seed=args.seed, hflip=args.hflip, eval_split=args.eval_split,
@@ -140,8 +140,8 @@ def _config(args):
 
 
 def _train(args, dataset) -> int:
-    from .metrics import format_table
-    from .train import run_experiment
+    from .training.metrics import format_table
+    from .training.loop import run_experiment
 
     results = run_experiment(dataset, args.model, args.sharing_ratio, _config(args), _model_kwargs(args), args.out,
                              args.resume, not args.no_progress)
@@ -157,7 +157,7 @@ def _train(args, dataset) -> int:
 
 
 def _sweep(args, dataset) -> int:
-    from .sweep import format_markdown, sweep
+    from .training.sweep import format_markdown, sweep
 
     rows = sweep(dataset, args.sharing_ratios, args.tasks, args.model, _model_kwargs(args), _config(args), args.out,
                  args.resume, not args.no_progress)

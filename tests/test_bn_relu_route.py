@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from op_cases import assert_matches, make_case, opcheck_cases, run
-from taskrouting import _extension, make_masks, ops
+from taskrouting import make_masks, ops
+from taskrouting.ops import extension as _extension
 
 BACKEND = "cpu"
 SHAPES = [(4, 6, 5, 7), (3, 5), (6, 3, 11), (2, 4, 3, 3, 2), (5, 70, 3, 3), (9, 1, 4, 4), (8, 5, 1, 1)]
@@ -227,7 +228,7 @@ def test_combine_stats_merges_split_batches():
 
 
 def test_compiled_running_stat_update_matches_pytorch():
-    from taskrouting.reference import update_running_stats
+    from taskrouting.ops.reference import update_running_stats
     mean, var = torch.randn(6), torch.rand(6)
     count = torch.tensor([0.0, 1.0, 2.0, 7.0, 100.0, 3.0])
     expected = (torch.randn(6), torch.rand(6) + 0.5)

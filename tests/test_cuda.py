@@ -25,7 +25,7 @@ import torch
 
 from op_cases import check_large_tensor, make_case, opcheck_cases, run
 from taskrouting import BNReLURoute2d, make_masks, ops
-from taskrouting import reference as R
+from taskrouting.ops import reference as R
 
 ON_CPU = os.environ.get("TASKROUTING_CUDA_TESTS_ON_CPU") == "1"
 DEV = "cpu" if ON_CPU else "cuda"

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from taskrouting import make_masks
-from taskrouting.masks import check_masks, select_route
+from taskrouting.nn.masks import check_masks
+from taskrouting.ops.route import select_route
 
 
 def gen(seed=0):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from taskrouting.metrics import binary_metrics, format_table, majority_baseline, metrics_from_predictions
+from taskrouting.training.metrics import binary_metrics, format_table, majority_baseline, metrics_from_predictions
 
 # 4 samples x 3 tasks. Task a: TP1 FP1 FN1 TN1. Task b: no positives, none predicted (TN4).
 # Task c: TP2 FP1 FN0 TN1.

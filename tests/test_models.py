@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from taskrouting import BNReLURoute2d, TaskRouter, active_task, set_active_task
-from taskrouting.masks import active_per_task
+from taskrouting.nn.masks import active_per_task
 from taskrouting.models import ReferenceBNReLURoute2d, TaskHeads, resnet50, vgg11_bn, vgg16_bn
 
 MODELS = {"vgg11_bn": vgg11_bn, "vgg16_bn": vgg16_bn, "resnet50": resnet50}

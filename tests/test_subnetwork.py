@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from taskrouting import TaskConditioned
-from taskrouting.masks import active_per_task
+from taskrouting.nn.masks import active_per_task
 from taskrouting.models import extract_subnetwork
-from taskrouting.subnetwork import ChannelSelect
+from taskrouting.models.subnetwork import ChannelSelect
 from test_models import MODELS, build, image, randomize
 
 NUM_TASKS = 3

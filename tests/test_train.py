@@ -16,8 +16,8 @@ from torch import nn
 
 from taskrouting import BNReLURoute2d, TaskConditioned, set_active_task
 from taskrouting.data import load_dataset
-from taskrouting.sweep import format_markdown, sweep
-from taskrouting.train import (CHECKPOINT, ModelBuildError, TrainConfig, build_model, epoch_plan, fit, predict,
+from taskrouting.training.sweep import format_markdown, sweep
+from taskrouting.training import (CHECKPOINT, ModelBuildError, TrainConfig, build_model, epoch_plan, fit, predict,
                                recalibrate_bn, run_experiment, seed_everything)
 
 
@@ -186,8 +186,8 @@ def test_sweep_table_plot_and_resume(data, tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("finished runs must be read back, not trained again")
 
-    monkeypatch.setattr("taskrouting.sweep.run_experiment", no_training)
-    monkeypatch.setattr("taskrouting.sweep.ModelBuildError", AssertionError)
+    monkeypatch.setattr("taskrouting.training.sweep.run_experiment", no_training)
+    monkeypatch.setattr("taskrouting.training.sweep.ModelBuildError", AssertionError)
     again = sweep(data, [0.5, 1.0], [2, 4], "vgg11", kwargs, config, tmp_path / ".", resume=True, progress=False,
                   log=quiet)
     assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows if r["sharing_ratio"] > 0]

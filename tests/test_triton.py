@@ -6,7 +6,7 @@ including Triton's own library (``tl.sum``, ``tl.max``, ... at ``import triton``
 So setting it at the top of this module is not enough on its own when another test module (or
 torch) imported triton first. The backend copes: ``ops.py`` offers triton for CPU tensors when
 ``TRITON_INTERPRET=1`` at call time; the CPU kernels always launch the interpreted copy of the
-kernel modules (``taskrouting.triton_kernels.kernels(interpret=True)``, loaded once per mode), and
+kernel modules (``taskrouting.ops.triton.kernels(interpret=True)``, loaded once per mode), and
 the kernels call no ``triton.language`` function written in Triton (those are decorated at
 ``import triton``), only builtins and their own reductions. ``test_interpreter_really_runs``
 checks that interpreted kernels are launched, and
@@ -38,10 +38,11 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import taskrouting  # noqa: E402
 from taskrouting import ops  # noqa: E402
-from taskrouting.masks import make_masks, select_route  # noqa: E402
+from taskrouting.nn.masks import make_masks
+from taskrouting.ops.route import select_route  # noqa: E402
 
-T = pytest.importorskip("taskrouting.triton_bn_relu_route")
-from taskrouting.triton_kernels import kernels  # noqa: E402
+T = pytest.importorskip("taskrouting.ops.triton.ops")
+from taskrouting.ops.triton import kernels  # noqa: E402
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4),
        torch.float16: dict(atol=6e-3, rtol=6e-3),
@@ -205,9 +206,9 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton, triton.language as tl
 import torch, taskrouting
 from taskrouting import ops
-from taskrouting.triton_kernels import kernels
+from taskrouting.ops.triton import kernels
 kernels(False)
-import taskrouting.triton_bn_relu_route
+import taskrouting.ops.triton.ops
 from triton.runtime.interpreter import InterpretedFunction
 assert not isinstance(tl.sum, InterpretedFunction)
 os.environ["TRITON_INTERPRET"] = "1"
@@ -239,7 +240,7 @@ try:
     from triton.compiler import ASTSource
 except ImportError as exc:
     print("SKIP", exc); raise SystemExit
-from taskrouting.triton_kernels import kernels
+from taskrouting.ops.triton import kernels
 k = kernels(False)
 geo = dict(CL=True, ROUTE_2D=True, BN=2, BP=16, BC=64, BIG=True)
 ptr = lambda n: dict((a, "*fp32") for a in n)

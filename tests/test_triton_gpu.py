@@ -18,9 +18,10 @@ pytest.importorskip("triton")
 
 from op_cases import check_large_tensor  # noqa: E402
 from taskrouting import ops  # noqa: E402
-from taskrouting.masks import make_masks, select_route  # noqa: E402
+from taskrouting.nn.masks import make_masks
+from taskrouting.ops.route import select_route  # noqa: E402
 
-T = pytest.importorskip("taskrouting.triton_bn_relu_route")
+T = pytest.importorskip("taskrouting.ops.triton.ops")
 
 DEV = "cuda"
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4),

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules import BNReLURoute1d, BNReLURoute2d, BNReLURoute3d
-from ..router import TaskConditioned, TaskRouter, set_active_task
+from ..nn import BNReLURoute1d, BNReLURoute2d, BNReLURoute3d, TaskConditioned, TaskRouter, set_active_task
 from .cases import ModelSettings
 from .variants import Skip, Step, task_order
 

@@ -31,9 +31,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..masks import make_masks
-from ..modules import BNReLURoute1d, BNReLURoute2d, BNReLURoute3d
-from ..router import TaskRouter
+from ..nn import BNReLURoute1d, BNReLURoute2d, BNReLURoute3d, TaskRouter, make_masks
 from .cases import Case, Shape
 from .traffic import copy_bytes, op_bytes
 

@@ -3,15 +3,9 @@
 from .blocks import ReferenceBNReLURoute2d, RoutedNet
 from .heads import TaskHeads
 from .resnet import Bottleneck, RoutedResNet, resnet50
+from .subnetwork import extract_subnetwork
 from .vgg import CONFIGS, RoutedVGG, vgg11_bn, vgg16_bn
 
 __all__ = ["vgg11_bn", "vgg16_bn", "resnet50", "RoutedVGG", "RoutedResNet", "RoutedNet", "Bottleneck",
            "TaskHeads", "ReferenceBNReLURoute2d", "CONFIGS", "extract_subnetwork"]
 
-
-def __getattr__(name: str):
-    # Imported on first use: taskrouting.subnetwork itself imports the model classes above.
-    if name == "extract_subnetwork":
-        from ..subnetwork import extract_subnetwork
-        return extract_subnetwork
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

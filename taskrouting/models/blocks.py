@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..masks import check_positive_int, check_masks, check_sharing_ratio, make_masks, select_route
-from ..modules import BNReLURoute2d
-from ..reference import route_view
-from ..router import TaskConditioned, TaskRouter, active_task
+from ..nn.bn_relu_route import BNReLURoute2d
+from ..nn.masks import check_masks, check_sharing_ratio, make_masks
+from ..nn.router import TaskConditioned, TaskRouter, active_task
+from ..ops.checks import check_positive_int
+from ..ops.reference import route_view
+from ..ops.route import select_route
 from .heads import TaskHeads
 
 __all__ = ["ReferenceBNReLURoute2d", "ROUTED_BN", "Routing", "RoutedNet", "init_weights"]

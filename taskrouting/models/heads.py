@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..masks import check_positive_int, check_task_ids
-from ..router import TaskConditioned
+from ..nn.router import TaskConditioned
+from ..ops.checks import check_positive_int
+from ..ops.route import check_task_ids
 
 __all__ = ["TaskHeads"]
 

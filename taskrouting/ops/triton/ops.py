@@ -1,10 +1,10 @@
-"""Triton backend: kernels for the ``taskrouting::triton_<name>`` ops (schemas in ``ops.py``).
+"""Triton backend: launches for the ``taskrouting::triton_<name>`` ops (schemas in ``ops/schemas.py``).
 
-Imported lazily by ``ops.py``; raises ImportError (caught there) when triton is missing.
+Imported lazily by ``ops/backends.py`` on first use; raises ImportError when triton is missing.
 Registers one implementation per op for the ``CUDA`` and ``CPU`` dispatch keys. CPU tensors
-always run through the Triton interpreter (``ops.py`` offers them only under
+always run through the Triton interpreter (``ops/backends.py`` offers them only under
 ``TRITON_INTERPRET=1``); CUDA tensors run compiled kernels, or interpreted ones when
-``TRITON_INTERPRET=1`` is set at call time (see ``triton_kernels/__init__.py`` for why the
+``TRITON_INTERPRET=1`` is set at call time (see ``__init__.py`` beside this file for why the
 kernels are loaded per mode rather than once at import).
 
 Layouts. ``x`` ``[N, C, *]`` is handled natively as NCHW-contiguous (HW contiguous) or
@@ -43,9 +43,9 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton  # noqa: F401  (an ImportError here tells ops.py that the backend is unavailable)
+import triton  # noqa: F401  (an ImportError here: the backend is unavailable)
 
-from .triton_kernels import kernels
+from . import kernels
 
 __all__ = ["Config", "COMPILED", "INTERPRETED", "config_for"]
 
@@ -486,7 +486,7 @@ def backward_reduce(grad_y, x, route, mean, invstd, weight, bias):
 
 def backward_apply(grad_y, x, route, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, count,
                    training, routed_stats):
-    """``grad_x`` from the (all-reduced) sums: train and eval formulas, see ``triton_kernels.backward``."""
+    """``grad_x`` from the (all-reduced) sums: train and eval formulas, see ``backward.py``."""
     p = _Problem(x, route, "triton_backward_apply")
     mean, invstd = p.param(mean, "mean"), p.param(invstd, "invstd")
     weight, bias = p.param(weight, "weight"), p.param(bias, "bias")

@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ops
-from .masks import check_sharing_ratio, select_route
-from .router import TaskConditioned, build_masks
+from .. import ops
+from ..ops.route import select_route
+from .masks import build_masks, check_sharing_ratio
+from .router import TaskConditioned
 
 __all__ = ["BNReLURoute1d", "BNReLURoute2d", "BNReLURoute3d"]
 

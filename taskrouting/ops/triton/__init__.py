@@ -5,7 +5,7 @@
 * ``normalize``  forward apply: ``y = relu((x - mean) * invstd * w + b) * route``;
 * ``backward``   backward reduce (``sum_dy``, ``sum_dy_xmu``) and apply (``grad_x``).
 
-The op registration (launch configs, layouts, the fused ops) is ``taskrouting/triton_bn_relu_route.py``.
+The op registration (launch configs, layouts, the fused ops) is ``ops.py`` beside this file.
 
 Compiled and interpreted kernels
 --------------------------------
@@ -15,7 +15,7 @@ interpreted kernel can only call interpreted helpers. A process may import these
 before ``TRITON_INTERPRET`` is set (e.g. a test asking ``available_backends("cuda")``), and
 CPU tensors always need the interpreter. So the kernels are not used through a plain import:
 :func:`kernels` loads a private copy of the three modules per mode, into the synthetic packages
-``taskrouting.triton_kernels._compiled`` / ``._interpret``, with ``TRITON_INTERPRET`` set
+``taskrouting.ops.triton._compiled`` / ``._interpret``, with ``TRITON_INTERPRET`` set
 accordingly while they are decorated. Relative imports inside them (``from .stats import ...``)
 then resolve within the same copy, so compiled kernels only ever call compiled helpers and
 interpreted kernels interpreted ones.

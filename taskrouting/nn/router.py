@@ -7,9 +7,10 @@ import numbers
 import torch
 from torch import nn
 
-from .masks import check_masks, check_sharing_ratio, make_masks, select_route
+from ..ops.route import select_route
+from .masks import check_sharing_ratio, build_masks
 
-__all__ = ["TaskConditioned", "TaskRouter", "set_active_task", "active_task", "build_masks"]
+__all__ = ["TaskConditioned", "TaskRouter", "set_active_task", "active_task"]
 
 
 class TaskConditioned:
@@ -19,23 +20,6 @@ class TaskConditioned:
     """
 
     active_task = None
-
-
-def build_masks(num_channels: int, num_tasks: int, sharing_ratio: float, seed, masks) -> torch.Tensor:
-    """Masks from the user, or drawn from ``seed`` (or torch's global RNG when seed is None)."""
-    if masks is not None:
-        masks = check_masks(masks, num_channels)
-        if num_tasks is not None and masks.shape[0] != num_tasks:
-            raise ValueError(f"masks have {masks.shape[0]} tasks but num_tasks={num_tasks}")
-        return masks.detach().clone()
-    if num_tasks is None:
-        raise ValueError("num_tasks is required when masks are not given")
-    generator = None
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        generator = torch.Generator().manual_seed(int(seed))
-    return make_masks(num_tasks, num_channels, sharing_ratio, generator=generator)
 
 
 def check_task(task):

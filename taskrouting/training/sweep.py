@@ -7,8 +7,10 @@ import json
 import math
 from pathlib import Path
 
-from .data import MultiTaskDataset
-from .train import ModelBuildError, TrainConfig, run_experiment, write_csv, write_json
+from ..data import MultiTaskDataset
+from .config import ModelBuildError, TrainConfig
+from .loop import run_experiment
+from .results import write_csv, write_json
 
 __all__ = ["sweep", "format_markdown", "plot_sweep", "write_sweep", "SCORES"]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .modules import BNReLURoute1d, BNReLURoute2d, BNReLURoute3d
+from .bn_relu_route import BNReLURoute1d, BNReLURoute2d, BNReLURoute3d
 from .router import TaskRouter
 
 __all__ = ["fuse"]

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.blocks import ROUTED_BN, RoutedNet
-from .models.resnet import Bottleneck
+from .blocks import ROUTED_BN, RoutedNet
+from .resnet import Bottleneck
 
 __all__ = ["extract_subnetwork", "ChannelSelect", "Residual"]
 

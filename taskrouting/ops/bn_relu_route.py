@@ -1,0 +1,64 @@
+"""``bn_relu_route``: the fused BatchNorm + ReLU + route op as users call it, on any backend."""
+from __future__ import annotations
+
+import torch
+
+from .backends import BACKENDS, family_op, resolve_backend
+from .checks import check_inputs
+from .reference import bn_relu_route_reference, update_running_stats
+from .route import select_route
+from .schemas import NATIVE_UPDATE
+
+__all__ = ["bn_relu_route", "bn_relu_route_on", "combine_stats"]
+
+
+def _update_running_stats(running_mean, running_var, mean, var, count, momentum: float) -> None:
+    """One compiled kernel where there is one (a handful of tiny eager ops cost ~25 µs), else PyTorch."""
+    if NATIVE_UPDATE.get(running_mean.device.type, False) and running_mean.is_contiguous() \
+            and running_var.is_contiguous():
+        torch.ops.taskrouting.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    else:
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
+
+
+def bn_relu_route(x: torch.Tensor, masks: torch.Tensor, task, weight=None, bias=None,
+                  running_mean=None, running_var=None, training: bool = True,
+                  momentum: float = 0.1, eps: float = 1e-5, stats: str = "batch",
+                  backend: str = "auto") -> torch.Tensor:
+    """``relu(batch_norm(x)) * masks[task]`` in one pass, skipping channels no sample uses.
+
+    ``task``: an int (one task for the batch) or a LongTensor ``[N]`` (one per sample).
+    ``training=True`` normalizes with batch statistics and, if running stats are given,
+    updates them in place with factor ``momentum`` (like ``F.batch_norm``).
+    ``stats="routed"`` computes each channel's statistics over its routed samples only.
+    """
+    check_inputs(x, masks, weight, bias, running_mean, running_var, training, momentum, eps, stats)
+    route = select_route(masks, task, x.shape[0], x.device)
+    return bn_relu_route_on(x, route, weight, bias, running_mean, running_var, training, momentum, eps, stats,
+                            backend)
+
+
+def bn_relu_route_on(x, route, weight, bias, running_mean, running_var, training, momentum, eps, stats,
+                     backend):
+    """``bn_relu_route`` on an already selected ``route`` (bool [C] or [N, C]) and checked inputs."""
+    name = resolve_backend(backend, x)
+    routed = stats == "routed"
+    if name == "reference":
+        return bn_relu_route_reference(x, route, weight, bias, running_mean, running_var,
+                                       training, momentum, eps, routed)
+    forward = family_op(BACKENDS[name].family, "bn_relu_route")
+    track = training and running_mean is not None
+    y, mean, _, var, count = forward(x, route, weight, bias, running_mean, running_var, training,
+                                     float(eps), routed, track and not routed)
+    if track:
+        _update_running_stats(running_mean, running_var, mean, var, count, float(momentum))
+    return y
+
+
+def combine_stats(mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor):
+    """Merge per-process channel statistics ``[P, C]`` (Chan et al.) into ``[C]`` mean, var, count."""
+    total = count.sum(0)
+    safe = total.clamp_min(1)
+    merged_mean = (mean * count).sum(0) / safe
+    m2 = (var * count).sum(0) + ((mean - merged_mean).square() * count).sum(0)
+    return merged_mean, m2 / safe, total

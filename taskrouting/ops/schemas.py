@@ -1,0 +1,155 @@
+"""The op schemas, defined once, with their fake kernels and autograd registrations.
+
+Each backend is a family of ``torch.library`` ops with one schema:
+
+* ``taskrouting::<name>``        compiled kernels: C++ for the CPU, CUDA C++ (``csrc/``);
+* ``taskrouting::triton_<name>`` Triton kernels (``taskrouting/ops/triton/``);
+
+plus ``reference``, the pure-PyTorch path (``reference.py``) every kernel is checked against.
+Fake kernels are registered here for both families; autograd too, except that the compiled
+extension registers the native family's in C++ (same wiring, less overhead).
+``bn_relu_route`` and ``bn_relu_route_backward`` are the fused one-pass ops; the stage ops
+(``channel_stats`` -> combine -> ``normalize_relu_route``; backward: ``backward_reduce`` ->
+combine -> ``backward_apply``) are the same math split where a multi-process all-reduce of the
+per-channel sums would go.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import extension
+
+__all__ = ["SCHEMAS", "FAMILIES", "UPDATE_SCHEMA", "NATIVE_KERNELS", "NATIVE_UPDATE", "stats_dtype"]
+
+# Statistics are float32 (float64 for float64 input); route is bool [C] or [N, C].
+# In eval (training=False) `var` and `count` are empty and `mean`/`invstd` come from the running stats.
+SCHEMAS = {
+    "bn_relu_route":
+        "(Tensor x, Tensor route, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+        "Tensor? running_var, bool training, float eps, bool routed_stats, bool stats_all_channels)"
+        " -> (Tensor y, Tensor mean, Tensor invstd, Tensor var, Tensor count)",
+    "bn_relu_route_backward":
+        "(Tensor grad_y, Tensor x, Tensor route, Tensor? weight, Tensor? bias, Tensor mean, "
+        "Tensor invstd, Tensor count, bool training, bool routed_stats, bool[3] output_mask)"
+        " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)",
+    "channel_stats":
+        "(Tensor x, Tensor route, bool routed_stats, bool all_channels)"
+        " -> (Tensor mean, Tensor var, Tensor count)",
+    "normalize_relu_route":
+        "(Tensor x, Tensor route, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias) -> Tensor",
+    "backward_reduce":
+        "(Tensor grad_y, Tensor x, Tensor route, Tensor mean, Tensor invstd, Tensor? weight, "
+        "Tensor? bias) -> (Tensor sum_dy, Tensor sum_dy_xmu)",
+    "backward_apply":
+        "(Tensor grad_y, Tensor x, Tensor route, Tensor mean, Tensor invstd, Tensor? weight, "
+        "Tensor? bias, Tensor sum_dy, Tensor sum_dy_xmu, Tensor count, bool training, "
+        "bool routed_stats) -> Tensor",
+}
+
+FAMILIES = {"native": "", "triton": "triton_"}
+
+# Shared by every backend: the running-stat update, in place, compiled for CPU and CUDA.
+UPDATE_SCHEMA = ("update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
+                 "Tensor var, Tensor count, float momentum) -> ()")
+
+
+def stats_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- fake kernels
+def _per_channel(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[1], dtype=stats_dtype(x))
+
+
+def _fake_forward(x, route, weight, bias, running_mean, running_var, training, eps, routed_stats,
+                  stats_all_channels):
+    empty = x.new_empty(0 if not training else x.shape[1], dtype=stats_dtype(x))
+    return (torch.empty_like(x), _per_channel(x), _per_channel(x), empty, empty.clone())
+
+
+def _fake_backward(grad_y, x, route, weight, bias, mean, invstd, count, training, routed_stats,
+                   output_mask):
+    def like(t, needed):
+        return torch.empty_like(t) if (t is not None and needed) else x.new_empty(0)
+    return like(x, output_mask[0]), like(weight, output_mask[1]), like(bias, output_mask[2])
+
+
+def _fake_channel_stats(x, route, routed_stats, all_channels):
+    return _per_channel(x), _per_channel(x), _per_channel(x)
+
+
+def _fake_like_x(x, *args):
+    return torch.empty_like(x)
+
+
+def _fake_backward_reduce(grad_y, x, *args):
+    return _per_channel(x), _per_channel(x)
+
+
+_FAKES = {
+    "bn_relu_route": _fake_forward,
+    "bn_relu_route_backward": _fake_backward,
+    "channel_stats": _fake_channel_stats,
+    "normalize_relu_route": lambda x, *a: torch.empty_like(x),
+    "backward_reduce": _fake_backward_reduce,
+    "backward_apply": lambda grad_y, x, *a: torch.empty_like(x),
+}
+
+
+# ----------------------------------------------------------------------------- autograd
+def _make_autograd(backward_op):
+    def setup_context(ctx, inputs, output):
+        x, route, weight, bias, _, _, training, _, routed_stats, _ = inputs
+        _, mean, invstd, _, count = output
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(x, route, weight, bias, mean, invstd, count)
+        ctx.training, ctx.routed_stats = training, routed_stats
+
+    def backward(ctx, grad_y, *unused):
+        x, route, weight, bias, mean, invstd, count = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], weight is not None and need[2], bias is not None and need[3]]
+        if not any(mask) or grad_y is None:
+            return (None,) * 10
+        gx, gw, gb = backward_op(grad_y, x, route, weight, bias, mean, invstd, count,
+                                 ctx.training, ctx.routed_stats, mask)
+        return (gx if mask[0] else None, None, gw if mask[1] else None, gb if mask[2] else None,
+                None, None, None, None, None, None)
+
+    return backward, setup_context
+
+
+_LIB = torch.library.Library("taskrouting", "FRAGMENT")  # noqa: TOR901
+
+
+def _define_family(prefix: str) -> None:
+    for name, schema in SCHEMAS.items():
+        _LIB.define(prefix + name + schema)
+        torch.library.register_fake(f"taskrouting::{prefix}{name}", _FAKES[name], lib=_LIB)
+
+
+def _register_autograd(prefix: str) -> None:
+    """The Python autograd of a family, unless the compiled extension registered one in C++
+    (``csrc/bn_relu_route_autograd.cpp``, the same wiring without ~30 µs of Python a call)."""
+    name = f"taskrouting::{prefix}bn_relu_route"
+    if torch._C._dispatch_has_kernel_for_dispatch_key(name, "Autograd"):
+        return
+    backward_op = getattr(torch.ops.taskrouting, prefix + "bn_relu_route_backward").default
+    backward, setup_context = _make_autograd(backward_op)
+    torch.library.register_autograd(name, backward, setup_context=setup_context, lib=_LIB)
+
+
+for _prefix in FAMILIES.values():
+    _define_family(_prefix)
+_LIB.define(UPDATE_SCHEMA)
+torch.library.register_fake("taskrouting::update_running_stats", lambda *args: None, lib=_LIB)
+
+extension.load()  # the compiled kernels (and their autograd) register against the schemas above
+for _prefix in FAMILIES.values():
+    _register_autograd(_prefix)
+# Looked up once: dispatcher queries are not traceable by torch.compile.
+NATIVE_KERNELS = {device_type: extension.has_kernel("bn_relu_route", torch.device(device_type))
+                  for device_type in ("cpu", "cuda")}
+NATIVE_UPDATE = {device_type: extension.has_kernel("update_running_stats", torch.device(device_type))
+                 for device_type in ("cpu", "cuda")}

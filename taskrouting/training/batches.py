@@ -1,0 +1,45 @@
+"""The batches of an epoch (one task per batch) and how they are read."""
+from __future__ import annotations
+
+import torch
+
+from ..data import MultiTaskDataset
+
+__all__ = ["epoch_plan", "batch_loader", "progress_bar"]
+
+
+def epoch_plan(num_samples: int, num_tasks: int, batch_size: int, seed: int, epoch: int):
+    """Batches of sample indices, one task per batch and flip flags for epoch ``epoch``: a pure
+    function of its arguments. A final batch of one sample is dropped (BatchNorm needs two)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    batches = list(torch.randperm(num_samples, generator=g).split(batch_size))
+    if batches and batches[-1].numel() < 2:
+        batches.pop()
+    tasks = torch.randint(num_tasks, (len(batches),), generator=g).tolist()
+    flips = [torch.rand(b.numel(), generator=g) < 0.5 for b in batches]
+    return batches, tasks, flips
+
+
+class BatchDataset(torch.utils.data.Dataset):
+    """Item k is the whole k-th batch, so DataLoader workers can decode batches in parallel."""
+
+    def __init__(self, data: MultiTaskDataset, batches):
+        self.data, self.batches = data, batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, k):
+        return self.data.get_batch(self.batches[k])
+
+
+def batch_loader(data: MultiTaskDataset, batches, num_workers: int):
+    if num_workers == 0:
+        return (data.get_batch(b) for b in batches)
+    return torch.utils.data.DataLoader(BatchDataset(data, batches), batch_size=None, num_workers=num_workers)
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)

@@ -1,0 +1,114 @@
+"""Training with Task Routing (the paper's Algorithm 1).
+
+Each mini-batch: sample one task uniformly, ``set_active_task(model, task)``, forward, binary
+cross-entropy with logits on that task's labels, SGD step (paper defaults: lr 0.01, momentum
+0.5, batch 64). The sample order, task draws and flips of epoch ``e`` come from a generator
+seeded by ``(seed, e)``, so a run resumed from an end-of-epoch checkpoint replays exactly the
+batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import MultiTaskDataset
+from ..nn import set_active_task
+from .batches import batch_loader, epoch_plan, progress_bar
+from .checkpoints import CHECKPOINT, load_checkpoint, rng_state, save_atomic
+from .config import ModelBuildError, TrainConfig, build_model, seed_everything
+from .evaluation import evaluate
+from .metrics import majority_baseline
+from .results import write_results
+
+__all__ = ["train_epoch", "fit", "run_experiment"]
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: MultiTaskDataset, epoch: int,
+                config: TrainConfig, progress: bool = True) -> dict:
+    """One epoch of Algorithm 1 over ``data``; returns mean loss, samples, seconds, samples/s."""
+    model.train()
+    batches, tasks, flips = epoch_plan(len(data), data.num_tasks, config.batch_size, config.seed, epoch)
+    hflip = data.hflip if config.hflip is None else config.hflip
+    total_loss, samples, start = 0.0, 0, time.perf_counter()
+    with progress_bar(len(batches), f"epoch {epoch + 1}/{config.epochs}", progress) as bar:
+        for (x, y), task, flip in zip(batch_loader(data, batches, config.num_workers), tasks, flips):
+            if hflip:
+                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+            x, target = x.to(config.device), y[:, task].to(config.device)
+            set_active_task(model, task)
+            loss = F.binary_cross_entropy_with_logits(model(x), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss.detach()) * x.shape[0]
+            samples += x.shape[0]
+            rate = samples / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(loss=f"{total_loss / samples:.4f}", img_s=f"{rate:.0f}")
+            bar.update()
+    seconds = time.perf_counter() - start
+    return {"epoch": epoch + 1, "loss": total_loss / max(samples, 1), "samples": samples, "seconds": seconds,
+            "samples_per_s": samples / max(seconds, 1e-9)}
+
+
+def fit(model: nn.Module, dataset: MultiTaskDataset, config: TrainConfig, out=None, resume: bool = False,
+        progress: bool = True, log=print, info: dict | None = None) -> dict:
+    """Train on ``dataset``'s train split, evaluate on ``config.eval_split``; with ``out``, checkpoint
+    after every epoch (``resume`` continues from it) and write the results there. Returns them
+    (``info``: extra entries for the results, e.g. how the model was built)."""
+    out = Path(out) if out is not None else None
+    train_data, eval_data = dataset.split("train"), dataset.split(config.eval_split)
+    model.to(config.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    start_epoch, history = 0, []
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume and (out / CHECKPOINT).is_file():
+            start_epoch, history = load_checkpoint(out / CHECKPOINT, model, optimizer, config, log)
+            log(f"resumed from {out / CHECKPOINT} after epoch {start_epoch}")
+    for epoch in range(start_epoch, config.epochs):
+        history.append(train_epoch(model, optimizer, train_data, epoch, config, progress))
+        h = history[-1]
+        log(f"epoch {h['epoch']}/{config.epochs}: loss {h['loss']:.4f}, {h['samples_per_s']:.0f} samples/s, "
+            f"{h['seconds']:.1f} s")
+        if out is not None:
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                   "history": history, "rng": rng_state(), "config": dataclasses.asdict(config)}, out / CHECKPOINT)
+    start = time.perf_counter()
+    metrics = evaluate(model, eval_data, config, progress, train_data)
+    eval_seconds = time.perf_counter() - start
+    baseline = majority_baseline(train_data.labels, eval_data.labels, eval_data.task_names, config.zero_division)
+    results = {
+        "dataset": dataset.name, "num_tasks": dataset.num_tasks, "eval_split": config.eval_split,
+        "train_samples": len(train_data), "eval_samples": len(eval_data),
+        "model": type(model).__name__, **(info or {}), "parameters": sum(p.numel() for p in model.parameters()),
+        "config": dataclasses.asdict(config), "history": history,
+        "train_seconds": sum(h["seconds"] for h in history), "eval_seconds": eval_seconds,
+        "means": metrics.means(), "majority_baseline": baseline.means(),
+        "per_task": [dict(row, majority_accuracy=b["accuracy"]) for row, b in zip(metrics.rows(), baseline.rows())],
+    }
+    if out is not None:
+        write_results(results, out)
+    results["metrics"], results["baseline"] = metrics, baseline  # objects, for callers; not serialised
+    return results
+
+
+def run_experiment(dataset: MultiTaskDataset, model_name: str, sharing_ratio: float, config: TrainConfig,
+                   model_kwargs: dict | None = None, out=None, resume: bool = False, progress: bool = True,
+                   log=print) -> dict:
+    """Seed everything, build ``model_name`` for ``dataset``'s tasks and channels (ModelBuildError
+    when it cannot be built), ``fit`` it."""
+    seed_everything(config.seed)
+    try:
+        model = build_model(model_name, dataset.num_tasks, sharing_ratio, seed=config.seed,
+                            in_channels=dataset.image_shape[0], **(model_kwargs or {}))
+    except (ValueError, TypeError) as exc:
+        raise ModelBuildError(f"cannot build {model_name} with sharing_ratio={sharing_ratio} for "
+                              f"{dataset.num_tasks} tasks: {exc}") from exc
+    info = {"model_name": model_name, "sharing_ratio": sharing_ratio, "model_kwargs": dict(model_kwargs or {})}
+    return fit(model, dataset, config, out, resume, progress, log, info)
