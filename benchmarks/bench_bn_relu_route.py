@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from taskrouting.benchmarking.cases import build_sweeps, settings_from_env, shape_label, unique_cases
-from taskrouting.benchmarking.variants import (Inputs, Skip, build_step, check_fused, fused_backends,
-                                               rotation_sets, variant_names)
+from taskrouting.benchmarking.variants import (
+    Inputs,
+    Skip,
+    build_step,
+    check_fused,
+    fused_backends,
+    rotation_sets,
+    variant_names,
+)
 
 pytest.importorskip("pytest_benchmark")
 

@@ -6,8 +6,17 @@ Layers: ``ops`` (the op and its backends) <- ``nn`` (modules) <- ``models`` (rou
 """
 from . import models, nn, ops
 from .models import extract_subnetwork
-from .nn import (BNReLURoute1d, BNReLURoute2d, BNReLURoute3d, TaskConditioned, TaskRouter, active_task, fuse,
-                 make_masks, set_active_task)
+from .nn import (
+    BNReLURoute1d,
+    BNReLURoute2d,
+    BNReLURoute3d,
+    TaskConditioned,
+    TaskRouter,
+    active_task,
+    fuse,
+    make_masks,
+    set_active_task,
+)
 
 __version__ = "0.1.0"
 

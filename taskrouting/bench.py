@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .benchmarking.cases import (MODES, PRESETS, SWEEPS, build_sweeps, default_device, parse_dtype,
-                                 parse_shapes, preset)
+from .benchmarking.cases import MODES, PRESETS, SWEEPS, build_sweeps, default_device, parse_dtype, parse_shapes, preset
 from .benchmarking.report import format_table, write_all
 from .benchmarking.runner import run, validate
 from .benchmarking.variants import fused_backends, variant_names
@@ -65,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=_csv(parse_dtype), help="comma list: float32/fp32, bfloat16/bf16, float16/fp16")
     p.add_argument("--shapes", type=_shapes,
                    help="comma list of NxCxHxW shapes or vgg11:RESOLUTION:BATCH; used by every sweep")
-    p.add_argument("--tasks", type=_csv(int), help="numbers of tasks of the tasks sweep (default 1,10,100,312,1000,4096)")
-    p.add_argument("--sharing-ratios", type=_csv(float), help="sigmas of the sharing_ratio sweep (default 0.2,0.4,0.5,0.6,1.0)")
+    p.add_argument("--tasks", type=_csv(int),
+                   help="numbers of tasks of the tasks sweep (default 1,10,100,312,1000,4096)")
+    p.add_argument("--sharing-ratios", type=_csv(float),
+                   help="sigmas of the sharing_ratio sweep (default 0.2,0.4,0.5,0.6,1.0)")
     p.add_argument("--num-tasks", type=int, help="T of the shapes and sharing_ratio sweeps (default 100)")
     p.add_argument("--sharing-ratio", type=float, help="sigma of the shapes and tasks sweeps (default 0.5)")
     p.add_argument("--modes", type=_choices(MODES), help=f"modes of every sweep, comma list of {', '.join(MODES)}")
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-repeats", type=int,
                    help="repeats of the tasks and sharing_ratio sweeps (default 3 x --repeats)")
     p.add_argument("--warmup", type=int, help="warm-up calls per step (after the first, compiling call)")
-    p.add_argument("--min-time", type=float, help="seconds each sample lasts at least (calls per sample are calibrated)")
+    p.add_argument("--min-time", type=float,
+                   help="seconds each sample lasts at least (calls per sample are calibrated)")
     p.add_argument("--malloc", choices=("keep", "default"),
                    help="CPU: keep freed memory in the process (the default: no first-touch page faults "
                         "in the timings; see taskrouting/benchmarking/allocator.py) or leave glibc's default")

@@ -140,8 +140,8 @@ def _config(args):
 
 
 def _train(args, dataset) -> int:
-    from .training.metrics import format_table
     from .training.loop import run_experiment
+    from .training.metrics import format_table
 
     results = run_experiment(dataset, args.model, args.sharing_ratio, _config(args), _model_kwargs(args), args.out,
                              args.resume, not args.no_progress)

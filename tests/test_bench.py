@@ -103,7 +103,8 @@ def test_flags_override_the_preset():
         "--backends", "reference", "--no-compile", "--no-model", "--repeats", "2", "--modes", "eval-fwd"])
     s = settings_from_args(args)
     assert (s.preset, s.shapes, s.sweep_shapes, s.dtypes) == ("quick", ((2, 8, 4, 4),), ((2, 8, 4, 4),), ("bfloat16",))
-    assert (s.tasks, s.sharing_ratios, s.backends, s.compile, s.repeats) == ((1, 4096), (0.2,), ("reference",), False, 2)
+    assert (s.tasks, s.sharing_ratios, s.backends, s.compile, s.repeats) == \
+        ((1, 4096), (0.2,), ("reference",), False, 2)
     assert "model" not in s.sweeps and s.modes == s.sweep_modes == ("eval-fwd",)
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from op_cases import assert_matches, make_case, opcheck_cases, run
+
 from taskrouting import make_masks, ops
 from taskrouting.ops import extension as _extension
 

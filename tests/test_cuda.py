@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from op_cases import check_large_tensor, make_case, opcheck_cases, run
+
 from taskrouting import BNReLURoute2d, make_masks, ops
 from taskrouting.ops import reference as R
 
@@ -471,6 +471,7 @@ def test_gradcheck_float64():
 # ----------------------------------------------------------------------------- modules and compile
 def _module_pair(**options):
     from torch import nn
+
     from taskrouting import TaskRouter
     fused = BNReLURoute2d(8, num_tasks=4, sharing_ratio=0.5, seed=2, backend=BACKEND, **options).to(DEV)
     bn = nn.BatchNorm2d(8, **options).to(DEV)

@@ -13,8 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from taskrouting import BNReLURoute2d, TaskRouter, active_task, set_active_task
-from taskrouting.nn.masks import active_per_task
 from taskrouting.models import ReferenceBNReLURoute2d, TaskHeads, resnet50, vgg11_bn, vgg16_bn
+from taskrouting.nn.masks import active_per_task
 
 MODELS = {"vgg11_bn": vgg11_bn, "vgg16_bn": vgg16_bn, "resnet50": resnet50}
 ROUTING_LAYERS = {"vgg11_bn": 8, "vgg16_bn": 13, "resnet50": 1 + 16 * 3}

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_models import MODELS, build, image, randomize
 from torch import nn
 
 from taskrouting import TaskConditioned
-from taskrouting.nn.masks import active_per_task
 from taskrouting.models import extract_subnetwork
 from taskrouting.models.subnetwork import ChannelSelect
-from test_models import MODELS, build, image, randomize
+from taskrouting.nn.masks import active_per_task
 
 NUM_TASKS = 3
 

@@ -16,9 +16,19 @@ from torch import nn
 
 from taskrouting import BNReLURoute2d, TaskConditioned, set_active_task
 from taskrouting.data import load_dataset
+from taskrouting.training import (
+    CHECKPOINT,
+    ModelBuildError,
+    TrainConfig,
+    build_model,
+    epoch_plan,
+    fit,
+    predict,
+    recalibrate_bn,
+    run_experiment,
+    seed_everything,
+)
 from taskrouting.training.sweep import format_markdown, sweep
-from taskrouting.training import (CHECKPOINT, ModelBuildError, TrainConfig, build_model, epoch_plan, fit, predict,
-                               recalibrate_bn, run_experiment, seed_everything)
 
 
 class TaskLinear(nn.Module, TaskConditioned):

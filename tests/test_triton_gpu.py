@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 pytest.importorskip("triton")
 
 from op_cases import check_large_tensor  # noqa: E402
+
 from taskrouting import ops  # noqa: E402
 from taskrouting.nn.masks import make_masks
 from taskrouting.ops.route import select_route  # noqa: E402

@@ -161,7 +161,7 @@ class Sweep:
             by_key.setdefault((case.shape, case.dtype), []).append(case)
         return [tuple(cases) for cases in by_key.values()]
 
-    def repeats(self, settings: "Settings") -> int:
+    def repeats(self, settings: Settings) -> int:
         """Interleaved repeats of this sweep's groups."""
         if self.axis is None:
             return settings.repeats

@@ -56,7 +56,7 @@ def environment(device) -> dict:
     """A flat dict describing the machine and software of the run."""
     device = torch.device(device)
     info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": str(device),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),

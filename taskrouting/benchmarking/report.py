@@ -154,7 +154,7 @@ def plot_sweep(report: Report, sweep: str, axis: str, path: Path, log_x: bool = 
     panels = _series([r for r in report.rows if r["sweep"] == sweep], axis)
     if not panels:
         return False
-    from matplotlib.figure import Figure   # no pyplot: no global backend or figure state
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig = Figure(figsize=(5.5 * cols, 4.2 * rows), layout="constrained")
@@ -163,7 +163,7 @@ def plot_sweep(report: Report, sweep: str, axis: str, path: Path, log_x: bool = 
         for variant, points in series.items():
             points.sort()
             xs, med, lo, hi = zip(*points)
-            ax.errorbar(xs, med, yerr=[[m - l for m, l in zip(med, lo)], [h - m for m, h in zip(med, hi)]],
+            ax.errorbar(xs, med, yerr=[[m - low for m, low in zip(med, lo)], [h - m for m, h in zip(med, hi)]],
                         marker="o", capsize=3, label=variant, linestyle="--" if variant == "plain" else "-")
         if log_x:
             ax.set_xscale("log")

@@ -13,8 +13,8 @@ import gc
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -23,8 +23,18 @@ from .cases import Case, Settings, Sweep, build_sweeps, shape_label
 from .environment import environment
 from .model import model_step, model_variants
 from .timing import calibrate, first_call, interleaved, make_timer, paired_ratio, peak_memory, summarize
-from .variants import (Inputs, Skip, Step, build_step, check_fused, dynamo_limits, fused_backends,
-                       rotation_sets, step_key, variant_names)
+from .variants import (
+    Inputs,
+    Skip,
+    Step,
+    build_step,
+    check_fused,
+    dynamo_limits,
+    fused_backends,
+    rotation_sets,
+    step_key,
+    variant_names,
+)
 
 __all__ = ["COLUMNS", "RATIO_TO", "Measured", "Report", "validate", "run", "run_group", "run_model"]
 

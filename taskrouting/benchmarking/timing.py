@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ class Summary:
     max: float
     n: int
 
-    def scaled(self, factor: float) -> "Summary":
+    def scaled(self, factor: float) -> Summary:
         return Summary(self.median * factor, self.q1 * factor, self.q3 * factor,
                        self.min * factor, self.max * factor, self.n)
 

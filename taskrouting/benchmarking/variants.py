@@ -24,8 +24,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -98,7 +98,7 @@ class Inputs:
     sets: list[InputSet]
 
     @classmethod
-    def make(cls, shape: Shape, dtype: torch.dtype, device, seed: int = 0, sets: int = 1) -> "Inputs":
+    def make(cls, shape: Shape, dtype: torch.dtype, device, seed: int = 0, sets: int = 1) -> Inputs:
         g = torch.Generator(device).manual_seed(seed)
         x = (torch.randn(shape, generator=g, device=device) * 1.5 + 0.3).to(dtype)
         grad_y = torch.randn(shape, generator=g, device=device).to(dtype)

@@ -159,7 +159,7 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         x, y = self.get_batch([index])
         return x[0], y[0]
 
-    def subset(self, indices, splits: dict[str, torch.Tensor] | None = None) -> "MultiTaskDataset":
+    def subset(self, indices, splits: dict[str, torch.Tensor] | None = None) -> MultiTaskDataset:
         """The samples ``indices`` (same tasks, same mean), with ``splits`` over the new positions."""
         indices = torch.as_tensor(indices, dtype=torch.long)
         images = self.images[indices] if self.in_memory else self.images.subset(indices)
@@ -168,13 +168,13 @@ class MultiTaskDataset(torch.utils.data.Dataset):
                                 name=self.name, hflip=self.hflip, mean=self.mean,
                                 mean_samples=self.mean_samples)
 
-    def split(self, name: str) -> "MultiTaskDataset":
+    def split(self, name: str) -> MultiTaskDataset:
         """The samples of one split, as a dataset of their own (normalised with the train mean)."""
         if name not in self.splits:
             raise KeyError(f"{self.name} has no {name!r} split; it has {sorted(self.splits)}")
         return self.subset(self.splits[name], {name: torch.arange(self.splits[name].numel())})
 
-    def select_tasks(self, tasks) -> "MultiTaskDataset":
+    def select_tasks(self, tasks) -> MultiTaskDataset:
         """Keep some tasks: an int k (the first k, in file order), or a sequence of names or indices."""
         if isinstance(tasks, int) and not isinstance(tasks, bool):
             if not 1 <= tasks <= self.num_tasks:

@@ -67,10 +67,10 @@ class ImageFiles:
         tensor = torch.from_numpy(array.copy())
         return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1).contiguous()
 
-    def subset(self, indices) -> "ImageFiles":
+    def subset(self, indices) -> ImageFiles:
         return ImageFiles([self.paths[int(i)] for i in indices], self.image_size, self.channels, self.square_crop)
 
-    def check(self, dataset: str, folder: Path) -> "ImageFiles":
+    def check(self, dataset: str, folder: Path) -> ImageFiles:
         """Fail early, naming the folder, when it or the first/last listed image is missing
         (every file is checked again when read)."""
         if not folder.is_dir():

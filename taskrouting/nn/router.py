@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..ops.route import select_route
-from .masks import check_sharing_ratio, build_masks
+from .masks import build_masks, check_sharing_ratio
 
 __all__ = ["TaskConditioned", "TaskRouter", "set_active_task", "active_task"]
 

@@ -6,8 +6,16 @@ kernels run where; ``checks`` and ``route`` validate arguments and pick each sam
 ``extension`` loads the compiled C++/CUDA kernels (``csrc/``); ``triton/`` holds the Triton kernels.
 """
 from . import schemas  # noqa: F401  (defines the ops before anything registers kernels against them)
-from .backends import (AUTO_ORDER, BACKENDS, Backend, available_backends, family_op, register_backend,
-                       resolve_backend, triton_interpreted)
+from .backends import (
+    AUTO_ORDER,
+    BACKENDS,
+    Backend,
+    available_backends,
+    family_op,
+    register_backend,
+    resolve_backend,
+    triton_interpreted,
+)
 from .bn_relu_route import bn_relu_route, bn_relu_route_on, combine_stats
 from .checks import check_inputs
 from .route import check_task_ids, select_route

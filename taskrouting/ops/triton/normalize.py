@@ -16,8 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .stats import (MAX, load_channel, load_route, merge_stats_partials, relu_keep_nan, sum2,
-                    tile_offsets)
+from .stats import MAX, load_channel, load_route, merge_stats_partials, relu_keep_nan, sum2, tile_offsets
 
 
 @triton.jit

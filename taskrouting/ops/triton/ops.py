@@ -78,7 +78,7 @@ def config_for(device) -> Config:
     return INTERPRETED if _interpret(torch.device(device)) else COMPILED
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
