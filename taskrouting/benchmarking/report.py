@@ -4,8 +4,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from pathlib import Path
 
+from ..extras import MissingExtraError, require
 from .cases import HEADLINE, ratio_sweep_repeats, shape_label
 from .runner import COLUMNS, Report, json_safe
 from .variants import VARIANTS
@@ -154,7 +156,7 @@ def plot_sweep(report: Report, sweep: str, axis: str, path: Path, log_x: bool = 
     panels = _series([r for r in report.rows if r["sweep"] == sweep], axis)
     if not panels:
         return False
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+    Figure = require("matplotlib.figure", "plot", "plotting the benchmark").Figure  # no pyplot: no global state
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig = Figure(figsize=(5.5 * cols, 4.2 * rows), layout="constrained")
@@ -189,7 +191,10 @@ def write_all(report: Report, out: Path, plots: bool = True) -> list[Path]:
     write_csv(report, paths[1])
     write_json(report, paths[2])
     if plots:
-        for sweep, axis, log_x in (("tasks", "num_tasks", True), ("sharing_ratio", "sharing_ratio", False)):
-            if plot_sweep(report, sweep, axis, out / f"{sweep}.png", log_x):
-                paths.append(out / f"{sweep}.png")
+        try:
+            for sweep, axis, log_x in (("tasks", "num_tasks", True), ("sharing_ratio", "sharing_ratio", False)):
+                if plot_sweep(report, sweep, axis, out / f"{sweep}.png", log_x):
+                    paths.append(out / f"{sweep}.png")
+        except MissingExtraError as exc:  # the tables are written; the plots are optional
+            warnings.warn(f"plots skipped: {exc}", stacklevel=2)
     return paths

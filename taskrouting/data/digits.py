@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..extras import require
 from .base import MultiTaskDataset, one_vs_rest
 
 __all__ = ["load_digits"]
@@ -18,9 +19,7 @@ def load_digits(root=None, image_size: int = 32, test_every: int = 5) -> MultiTa
     """
     if root is not None:
         raise ValueError("digits ships with scikit-learn: root must be None")
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    bunch = sklearn_digits()
+    bunch = require("sklearn.datasets", "train", "the digits data set").load_digits()
     images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16
     if image_size != 8:
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)

@@ -1,23 +1,20 @@
 """Images decoded from files on access (Pillow, imported only when a file is read)."""
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..extras import require
+
 __all__ = ["ImageFiles", "require_pil"]
 
 
 def require_pil():
     """The ``PIL.Image`` module, or an ImportError saying how to get it."""
-    try:
-        return importlib.import_module("PIL.Image")
-    except ImportError as exc:
-        raise ImportError("decoding image files needs Pillow, which is not installed: "
-                          "pip install pillow") from exc
+    return require("PIL.Image", "images", "decoding image files")
 
 
 def _size(size) -> tuple[int, int]:

@@ -40,6 +40,23 @@ def batch_loader(data: MultiTaskDataset, batches, num_workers: int):
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
+    """A tqdm bar, or a silent stand-in when tqdm (the ``train`` extra) is not installed."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **kwargs) -> None:
+        pass
