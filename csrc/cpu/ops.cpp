@@ -1,6 +1,6 @@
-// CPU ops of the fused BatchNorm + ReLU + route op (schemas: taskrouting/ops/schemas.py): argument
-// checks, outputs, which stage runs, and the one CPU registration. The stages are in stats.cpp,
-// normalize.cpp and backward.cpp; kernels.h holds what they share.
+// CPU ops of the fused BatchNorm + ReLU + route op (schemas: taskrouting/ops/schemas.py):
+// argument checks, outputs, which stage runs, and the one CPU registration. The stages are in
+// stats.cpp, normalize.cpp and backward.cpp; kernels.h holds what they share.
 #include <torch/library.h>
 
 #include <array>
