@@ -57,12 +57,28 @@ def cpu_isa_flags() -> list:
     return []
 
 
-def nvidia_include_dirs() -> list:
-    """Headers of the nvidia-* wheels that come with a CUDA torch (cccl, cublas, ...)."""
+def nvidia_include_dirs(cuda_include: str) -> list:
+    """Include dirs of the nvidia-* wheels that come with a CUDA torch which hold a header the toolkit lacks.
+
+    ATen's CUDA headers include cublas_v2.h, cusparse.h and cusolverDn.h, which a toolkit without the math
+    libraries lacks; the wheels have them. But a wheel's copy of a header the toolkit also has (the CUDA
+    runtime's, cccl's) is from the CUDA that torch was built with, not from this nvcc, and mixing the two
+    breaks the build. So a wheel dir whose headers the toolkit all has is left out, and extension() puts
+    the others after the toolkit's include dir, so that they only fill in what it lacks.
+    """
+    def provides_missing(d: str) -> bool:
+        for root, _, files in os.walk(d):
+            for name in files:
+                if name.endswith((".py", ".pyc")):  # the wheels' namespace-package files
+                    continue
+                if not os.path.exists(os.path.join(cuda_include, os.path.relpath(os.path.join(root, name), d))):
+                    return True
+        return False
+
     dirs = []
     for site in sys.path:
         dirs += glob.glob(os.path.join(site, "nvidia", "*", "include"))
-    return sorted(set(d for d in dirs if os.path.isdir(d)))
+    return sorted(set(d for d in dirs if os.path.isdir(d) and provides_missing(d)))
 
 
 def extension():
@@ -73,9 +89,12 @@ def extension():
     if want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+        # The toolkit's include dir first: nvcc and cpp_extension add it only after these.
+        cuda_include = os.path.join(cpp_extension.CUDA_HOME, "include")
+        include_dirs = kwargs["include_dirs"] + [cuda_include] + nvidia_include_dirs(cuda_include)
         return cpp_extension.CUDAExtension(
             "taskrouting._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            **{**kwargs, "include_dirs": kwargs["include_dirs"] + nvidia_include_dirs()})
+            **{**kwargs, "include_dirs": include_dirs})
     return cpp_extension.CppExtension("taskrouting._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
 
 

@@ -2,8 +2,8 @@
 // op below autograd, then taskrouting::bn_relu_route_backward with what it saved.
 //
 // In C++ rather than with torch.library.register_autograd (which the Triton family uses, same
-// wiring: taskrouting/ops.py) because the Python wrapper costs ~30 us a call on torch 2.13,
-// most of it re-reading the op's schema: more than the kernels take on a 16x512x7x7 layer.
+// wiring: taskrouting/ops/schemas.py) because the Python wrapper costs ~30 us a call on torch
+// 2.13, most of it re-reading the op's schema: more than the kernels take on a 16x512x7x7 layer.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>

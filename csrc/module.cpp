@@ -1,5 +1,6 @@
 // The Python module `taskrouting._C`: importing it loads this library, whose static initialisers
-// register the CPU (and, when built, CUDA) kernels against the schemas defined in taskrouting/ops.py.
+// register the CPU (and, when built, CUDA) kernels against the schemas defined in
+// taskrouting/ops/schemas.py.
 #include <Python.h>
 
 extern "C" {

@@ -4,7 +4,7 @@
 // A channel no sample uses gets zero gradient and neither x nor dy of it is read; an unrouted
 // (sample, channel) pair reads no dy, and no x either unless batch statistics carry a gradient
 // to it (grad_reaches).
-#include "bn_relu_route_cuda.cuh"
+#include "kernels.cuh"
 
 namespace taskrouting {
 namespace cuda {

@@ -1,8 +1,9 @@
-// CUDA kernels of the fused BatchNorm + ReLU + route op: what the kernel families share.
+// CUDA kernels of the fused BatchNorm + ReLU + route op: what the stage files share.
 //
-// Files: bn_relu_route_cuda.cu (the ops: argument checks, outputs, which kernels run),
-// stats.cu (per-channel statistics, the fused one-block-per-channel forward), forward.cu
-// (normalize + ReLU + route), backward.cu (gradient sums, grad_x).
+// Files: ops.cu (the ops: argument checks, outputs, which kernels run; the CUDA registration),
+// stats.cu (per-channel statistics, the running-stat update), normalize.cu (normalize + ReLU +
+// route, the fused one-block-per-channel forward), backward.cu (gradient sums, grad_x). The same
+// stage files are in csrc/cpu/ (kernels.h there).
 //
 // Two layouts, as in the CPU kernels:
 //  * planes (NCHW-contiguous, rank 3-5): x[n, c, s] at (n*C + c)*S + s. Blocks are 2-D,
@@ -227,6 +228,62 @@ __device__ __forceinline__ void write_stats(const StatsOut<acc_t>& o, int64_t c,
   o.partial[2 * plane + i] = w.count;
 }
 
+// ---------------------------------------------------------------------------------- statistics
+// The per-thread reduction of the planes layout: planes_stats_kernel (stats.cu) and
+// planes_fused_forward_kernel (normalize.cu).
+// One thread's statistics of channel c over samples [n0, n1) (threadIdx.y strided) and
+// positions [s0, s1) of each plane (threadIdx.x strided, VEC per load). kStash also copies
+// what it loads to stash[n * S + s] (shared memory of the fused kernel).
+template <typename scalar_t, typename acc_t, int VEC, bool kStash>
+__device__ __forceinline__ Welford<acc_t> planes_thread_stats(const scalar_t* __restrict__ x, int64_t C, int64_t S,
+                                                              int64_t c, int64_t n0, int64_t n1, int64_t s0,
+                                                              int64_t s1, Route r, bool routed, scalar_t* stash) {
+  Welford<acc_t> w;
+  const int64_t step = int64_t(blockDim.x) * VEC;
+  for (int64_t n = n0 + threadIdx.y; n < n1; n += blockDim.y) {
+    if (routed && !r.at(n, c)) continue;
+    const scalar_t* plane = x + (n * C + c) * S;
+    for (int64_t s = s0 + int64_t(threadIdx.x) * VEC; s < s1; s += step * kUnroll) {
+      acc_t v[kUnroll][VEC];
+      int valid = 0;  // the valid vectors are a prefix; the first always is
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t su = s + u * step;
+        if (su < s1) {
+          const Pack<scalar_t, VEC> pk = load_pack<VEC>(plane + su);
+          if constexpr (kStash) store_pack<VEC>(stash + n * S + su, pk);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) v[u][k] = static_cast<acc_t>(pk.v[k]);
+          valid = u + 1;
+        } else {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) v[u][k] = acc_t(0);
+        }
+      }
+      acc_t sum = 0;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sum += v[u][k];
+      const acc_t cnt = acc_t(valid * VEC);
+      const acc_t mean = sum / cnt;
+      acc_t m2 = 0;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (u < valid) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            const acc_t d = v[u][k] - mean;
+            m2 += d * d;
+          }
+        }
+      }
+      welford_merge(w, mean, m2, cnt);
+    }
+  }
+  return w;
+}
+
 // Per-channel parameters of the element-wise kernels: forward [2][C] (scale, shift), backward
 // [5][C] (scale, shift, dy_coef, x_coef, bias_coef), all in the accumulation type.
 template <typename acc_t>
@@ -323,23 +380,51 @@ struct RowsShape {  // reductions over rows: grid (channel tiles, chunks), block
 };
 RowsShape rows_shape(const Problem& p, int vec, bool split);
 
+// Where a statistics kernel writes the final values (chunks 1; stats_impl adds the workspace):
+// used by launch_stats (stats.cu) and try_fused_forward (normalize.cu).
+template <typename acc_t>
+acc_t* ptr_or_null(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.data_ptr<acc_t>() : nullptr;
+}
+
+template <typename acc_t>
+StatsOut<acc_t> stats_out(const Problem& p, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count,
+                          const at::Tensor& invstd, const at::Tensor& scale_shift, const at::Tensor& weight,
+                          const at::Tensor& bias, double eps) {
+  StatsOut<acc_t> o{};
+  o.mean = mean.data_ptr<acc_t>();
+  o.var = var.data_ptr<acc_t>();
+  o.count = count.data_ptr<acc_t>();
+  o.invstd = ptr_or_null<acc_t>(invstd);
+  o.scale = ptr_or_null<acc_t>(scale_shift);
+  o.shift = o.scale == nullptr ? nullptr : o.scale + p.c;
+  o.weight = weight.defined() ? weight.data_ptr<acc_t>() : nullptr;  // needed for scale/shift only
+  o.bias = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
+  o.eps = eps;
+  o.partial = nullptr;
+  o.channels = p.c;
+  o.chunks = 1;
+  return o;
+}
+
 // ---- statistics (stats.cu)
 // mean/var/count [C] (acc type); invstd, scale_shift ([2][C]) optional (undefined tensors).
 void launch_stats(const Problem& p, bool routed, bool all_channels, const at::Tensor& mean, const at::Tensor& var,
                   const at::Tensor& count, const at::Tensor& invstd, const at::Tensor& scale_shift,
                   const at::Tensor& weight, const at::Tensor& bias, double eps);
-// One block per channel with the channel kept in shared memory; false when it does not apply.
-bool try_fused_forward(const Problem& p, const at::Tensor& y, bool routed, bool all_channels, const at::Tensor& mean,
-                       const at::Tensor& var, const at::Tensor& count, const at::Tensor& invstd,
-                       const at::Tensor& weight, const at::Tensor& bias, double eps);
-
-// ---- forward apply (forward.cu)
-void launch_forward_params(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
-                           const at::Tensor& bias, const at::Tensor& scale_shift);
-void launch_forward_apply(const Problem& p, const at::Tensor& y, const at::Tensor& scale_shift);
 void launch_update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
                                  const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count,
                                  double momentum);
+
+// ---- normalize (normalize.cu)
+void launch_forward_params(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
+                           const at::Tensor& bias, const at::Tensor& scale_shift);
+void launch_forward_apply(const Problem& p, const at::Tensor& y, const at::Tensor& scale_shift);
+// The fused forward: one block per channel with the channel kept in shared memory; false when it
+// does not apply.
+bool try_fused_forward(const Problem& p, const at::Tensor& y, bool routed, bool all_channels, const at::Tensor& mean,
+                       const at::Tensor& var, const at::Tensor& count, const at::Tensor& invstd,
+                       const at::Tensor& weight, const at::Tensor& bias, double eps);
 
 // ---- backward (backward.cu)
 // sum_dy/sum_dy_xmu [C]; params ([5][C], optional) from count (training) for launch_grad_apply.

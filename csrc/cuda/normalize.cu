@@ -1,6 +1,8 @@
-// Forward apply: y = route ? relu(x * scale + shift) : 0, and the running-stat update.
-// A (sample, channel) pair that is not routed is written as 0 without reading x.
-#include "bn_relu_route_cuda.cuh"
+// Normalize + ReLU + route: y = route ? relu(x * scale + shift) : 0. The apply kernels (scale
+// and shift from given statistics), which write a (sample, channel) pair that is not routed as 0
+// without reading x, and the fused one-block-per-channel forward, which reduces a small channel
+// into shared memory and normalises it from there.
+#include "kernels.cuh"
 
 namespace taskrouting {
 namespace cuda {
@@ -100,15 +102,45 @@ rows_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int6
   }
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void update_running_kernel(int64_t C, scalar_t* __restrict__ running_mean, scalar_t* __restrict__ running_var,
-                                      const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
-                                      const acc_t* __restrict__ count, acc_t momentum) {
-  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < C; c += int64_t(gridDim.x) * blockDim.x) {
-    acc_t rm = static_cast<acc_t>(running_mean[c]), rv = static_cast<acc_t>(running_var[c]);
-    update_running<acc_t>(rm, rv, mean[c], var[c], count[c], momentum);
-    running_mean[c] = static_cast<scalar_t>(rm);
-    running_var[c] = static_cast<scalar_t>(rv);
+// grid C, block (bx, by), dynamic shared memory N * S * sizeof(scalar_t): one block reads its
+// channel once (into shared memory while reducing it), then normalises it from there.
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+planes_fused_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t N, int64_t C, int64_t S,
+                            Route r, const bool* __restrict__ used, bool routed, bool all_channels,
+                            StatsOut<acc_t> out) {
+  extern __shared__ __align__(16) unsigned char stash_bytes[];
+  scalar_t* stash = reinterpret_cast<scalar_t*>(stash_bytes);
+  __shared__ SharedArray<Welford<acc_t>, kWarps> sm;
+  __shared__ SharedArray<Welford<acc_t>, 1> total;
+  const int64_t c = blockIdx.x;
+  const bool live = used[c];
+  Welford<acc_t> w;
+  if (wants_stats(live, routed, all_channels))
+    w = planes_thread_stats<scalar_t, acc_t, VEC, true>(x, C, S, c, 0, N, 0, S, r, routed, stash);
+  w = block_reduce<WelfordOp<acc_t>>(w, sm.get());  // its barriers also publish the stash
+  if (linear_tid() == 0) {
+    finalize_stats(out, c, w);
+    total.get()[0] = w;
+  }
+  __syncthreads();
+  w = total.get()[0];
+  const ScaleShift<acc_t> ss = scale_shift(w.mean, inv_std(biased_var(w), out.eps), out.weight[c], out.bias[c]);
+  const int64_t step = int64_t(blockDim.x) * VEC;
+  for (int64_t n = threadIdx.y; n < N; n += blockDim.y) {
+    // Loaded above iff the sample goes through the channel (then the channel wants stats).
+    const bool on = live && r.at(n, c);
+    scalar_t* dst = y + (n * C + c) * S;
+    const scalar_t* src = stash + n * S;
+    for (int64_t s = int64_t(threadIdx.x) * VEC; s < S; s += step) {
+      Pack<scalar_t, VEC> o = zero_pack<VEC, scalar_t>();
+      if (on) {
+        const Pack<scalar_t, VEC> in = load_pack<VEC>(src + s);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) o.v[k] = static_cast<scalar_t>(relu_affine(static_cast<acc_t>(in.v[k]), ss));
+      }
+      store_pack<VEC>(dst + s, o);
+    }
   }
 }
 
@@ -162,21 +194,37 @@ void launch_forward_apply(const Problem& p, const at::Tensor& y, const at::Tenso
   });
 }
 
-void launch_update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
-                                 const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count,
-                                 double momentum) {
-  const int64_t C = running_mean.numel();
-  if (C == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(),
-                                  "taskrouting_update_running_stats_cuda", [&] {
+bool try_fused_forward(const Problem& p, const at::Tensor& y, bool routed, bool all_channels, const at::Tensor& mean,
+                       const at::Tensor& var, const at::Tensor& count, const at::Tensor& invstd,
+                       const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  if (p.rows || p.numel() == 0 || p.c > kMaxGridX || !weight.defined() || !bias.defined()) return false;
+  const int64_t bytes = p.n * p.s * int64_t(p.x.element_size());
+  if (bytes > kFusedStashBytes) return false;
+  bool launched = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "taskrouting_fused_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto acc = running_mean.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const at::Tensor m = mean.to(acc).contiguous(), v = var.to(acc).contiguous(), n = count.to(acc).contiguous();
-    update_running_kernel<scalar_t, acc_t><<<per_channel_blocks(C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        C, running_mean.data_ptr<scalar_t>(), running_var.data_ptr<scalar_t>(), m.data_ptr<acc_t>(),
-        v.data_ptr<acc_t>(), n.data_ptr<acc_t>(), static_cast<acc_t>(momentum));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    constexpr int V = vec_size<scalar_t>();
+    const bool vec = aligned16(p.x.data_ptr()) && aligned16(y.data_ptr()) && p.s % V == 0;
+    // Only where one block per channel already fills the GPU (else the split reduction wins).
+    if (planes_shape(p, vec ? V : 1, /*split=*/true).chunks != 1) return;
+    const StatsOut<acc_t> out = stats_out<acc_t>(p, mean, var, count, invstd, at::Tensor(), weight, bias, eps);
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const size_t smem = size_t(ceil_div(bytes, 16) * 16);
+    auto launch = [&](auto vec_tag) {
+      constexpr int W = decltype(vec_tag)::value;
+      const PlanesShape sh = planes_shape(p, W, /*split=*/false);
+      planes_fused_forward_kernel<scalar_t, acc_t, W><<<unsigned(p.c), dim3(sh.bx, sh.by), smem, stream>>>(
+          p.x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p.n, p.c, p.s, p.r, p.used.data_ptr<bool>(), routed,
+          all_channels, out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec)
+      launch(std::integral_constant<int, V>());
+    else
+      launch(std::integral_constant<int, 1>());
+    launched = true;
   });
+  return launched;
 }
 
 }  // namespace cuda

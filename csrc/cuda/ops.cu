@@ -1,8 +1,9 @@
-// CUDA kernels of the fused BatchNorm + ReLU + route op (schemas: taskrouting/ops.py): the ops.
+// CUDA ops of the fused BatchNorm + ReLU + route op (schemas: taskrouting/ops/schemas.py):
+// argument checks, outputs, which kernels run, and the one CUDA registration.
 //
-// Same semantics as csrc/cpu/bn_relu_route_cpu.cpp (argument checks, outputs in eval mode,
-// empty tensors for unrequested grads, channels that are never read). The kernels are in
-// stats.cu, forward.cu and backward.cu; bn_relu_route_cuda.cuh says how they split the work.
+// Same semantics as csrc/cpu/ops.cpp (argument checks, outputs in eval mode, empty tensors for
+// unrequested grads, channels that are never read). The kernels are in stats.cu, normalize.cu
+// and backward.cu; kernels.cuh says how they split the work.
 //
 // Forward, training: statistics (planes_stats_kernel or rows_stats_kernel, plus
 // stats_merge_kernel when the reduction is split into chunks), which also write scale/shift;
@@ -15,7 +16,7 @@
 #include <array>
 #include <tuple>
 
-#include "bn_relu_route_cuda.cuh"
+#include "kernels.cuh"
 
 namespace taskrouting {
 namespace cuda {
