@@ -4,7 +4,9 @@
 Targets: ``cpu`` (C++ kernels), ``triton_interp`` (Triton kernels through the interpreter on CPU tensors,
 ``TRITON_INTERPRET=1`` set for the test), and on a CUDA machine ``cuda`` and ``triton_cuda`` (compiled Triton,
 ``TRITON_INTERPRET`` removed for the test). ``@pytest.mark.backends("cpu", "cuda")`` limits a test to those
-backend names. Under the interpreter every load and store is checked to stay in bounds (``in_bounds``).
+backend names; ``@pytest.mark.shapes(full, interpreted)`` gives the test's ``shape`` parameter one list for
+compiled backends and a small one for the Triton interpreter. Under the interpreter every load and store is
+checked to stay in bounds (``in_bounds``).
 ``TASKROUTING_TEST_BACKENDS=cpu,cuda,...`` picks targets by id instead of by availability (a
 target this machine cannot run then skips), e.g. to list what a GPU machine runs.
 """
@@ -44,6 +46,7 @@ TARGETS = {t.id: t for t in (Target("cpu", "cpu", "cpu"), Target("triton_interp"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "backends(*names): run the test on these backend names only")
+    config.addinivalue_line("markers", "shapes(full, interpreted): the test's ``shape`` parameter per backend")
 
 
 def _selected() -> list[Target]:
@@ -58,8 +61,15 @@ def pytest_generate_tests(metafunc):
         return
     marker = metafunc.definition.get_closest_marker("backends")
     targets = [t for t in _selected() if marker is None or t.backend in marker.args]
-    params = [pytest.param(t, id=t.id, marks=[pytest.mark.gpu] if t.device == "cuda" else []) for t in targets]
-    metafunc.parametrize("backend", params, indirect=True)
+    marks = lambda t: [pytest.mark.gpu] if t.device == "cuda" else []
+    shapes = metafunc.definition.get_closest_marker("shapes")
+    if shapes is None:
+        metafunc.parametrize("backend", [pytest.param(t, id=t.id, marks=marks(t)) for t in targets], indirect=True)
+        return
+    full, interpreted = shapes.args
+    params = [pytest.param(t, shape, id=f"{t.id}-{shape}", marks=marks(t))
+              for t in targets for shape in (interpreted if t.interpreted else full)]
+    metafunc.parametrize("backend,shape", params, indirect=["backend"])
 
 
 @pytest.fixture

@@ -22,9 +22,11 @@ TOLERANCE = {
 # rounding may put it on the other side (see kink_slack for what that may move in grad_weight / grad_bias).
 KINK = {torch.float64: 0.0, torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
 # The Triton interpreter costs ~1 ms per program instance: its cases are shrunk to this size (N, C, each
-# spatial extent), and a loop over shapes takes its first INTERPRETED_SHAPES distinct shrunk shapes.
+# spatial extent), a loop over shapes takes its first INTERPRETED_SHAPES distinct shrunk shapes, and a loop over
+# variants of one case takes one of them (``pick``). Tests parametrized over ``shape`` give it a shape list of
+# its own (``@pytest.mark.shapes(full, interpreted)``, tests/conftest.py).
 INTERPRETED_MAX = (4, 6, 4)
-INTERPRETED_SHAPES = 3
+INTERPRETED_SHAPES = 2
 
 
 def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -91,6 +93,13 @@ def fit_all(shapes, interpreted: bool) -> list:
     if not interpreted:
         return list(shapes)
     return list(dict.fromkeys(fit(s, True) for s in shapes))[:INTERPRETED_SHAPES]
+
+
+def pick(variants, interpreted: bool, key: int) -> list:
+    """The variants of a case a backend runs: all of them, or under the interpreter the one ``key`` picks
+    (tests give neighbouring parameters different keys, so that each variant still runs somewhere)."""
+    variants = list(variants)
+    return [variants[key % len(variants)]] if interpreted else variants
 
 
 def opcheck_cases(device="cpu", family="native"):

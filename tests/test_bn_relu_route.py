@@ -14,12 +14,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from op_cases import compare, fit, fit_all, make_case, opcheck_cases, run
+from op_cases import compare, fit, fit_all, make_case, opcheck_cases, pick, run
 
 from taskrouting import BNReLURoute2d, TaskRouter, make_masks, ops
 
 SHAPES = [(4, 6, 5, 7), (3, 5), (6, 3, 11), (2, 4, 3, 3, 2), (5, 70, 3, 3), (9, 1, 4, 4), (8, 5, 1, 1),
           (1, 3, 17, 19), (2, 16, 8, 8), (3, 8, 4, 4, 4), (7, 24), (2, 9, 1, 33)]
+# the Triton interpreter's: ranks 2 to 5, N = 1, H*W = 1, tiny (op_cases.INTERPRETED_MAX)
+INTERPRETED_SHAPES = [(3, 5, 4, 3), (4, 6), (3, 5, 7), (2, 3, 2, 3, 3), (1, 4, 3, 3), (5, 4, 1, 1)]
 REDUCED = [torch.float16, torch.bfloat16]
 MODES = [(True, "batch"), (True, "routed"), (False, "batch")]
 MODE_IDS = ["train-batch", "train-routed", "eval"]
@@ -32,15 +34,15 @@ def case_on(target, shape, **kw):
 
 
 # ----------------------------------------------------------------------------- against the reference
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.shapes(SHAPES, INTERPRETED_SHAPES)
 @pytest.mark.parametrize(**LAYOUTS)
 @pytest.mark.parametrize(**TASKS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("stats", ["batch", "routed"])
 def test_matches_reference(backend, target, shape, channels_last, per_sample, training, stats):
-    for affine, track in ((True, True), (False, True), (True, False)):
-        if not training and not track:
-            continue
+    variants = [(True, True), (False, True)] + ([(True, False)] if training else [])  # (affine, track)
+    key = sum(shape) + channels_last + 2 * per_sample + (stats == "routed")
+    for affine, track in pick(variants, target.interpreted, key):
         case = case_on(target, shape, channels_last=channels_last, affine=affine, per_sample=per_sample)
         compare(backend, case, training, stats, track)
 
@@ -83,7 +85,7 @@ def test_float32_parameters_with_reduced_input(backend, target, dtype):
 @pytest.mark.parametrize("stats", ["batch", "routed"])
 @pytest.mark.parametrize(**LAYOUTS)
 def test_sharing_ratios(backend, target, sharing_ratio, stats, channels_last):
-    for per_sample in (False, True):
+    for per_sample in pick((False, True), target.interpreted, int(sharing_ratio * 10) + channels_last):
         case = case_on(target, (6, 12, 4, 4), sharing_ratio=sharing_ratio, num_tasks=5, seed=3,
                        channels_last=channels_last, per_sample=per_sample)
         compare(backend, case, True, stats)
@@ -139,7 +141,7 @@ def test_one_sample_one_channel_one_pixel(backend, target, shape, channels_last,
     """N = 1 (training over the pixels), C = 1, H*W = 1, and both together with N > 1."""
     case = case_on(target, shape, channels_last=channels_last, per_sample=per_sample,
                    num_tasks=min(shape[1], 3), sharing_ratio=1.0 if shape[1] == 1 else 0.5)
-    for training, stats in MODES:
+    for training, stats in pick(MODES, target.interpreted, sum(shape) + channels_last + per_sample):
         compare(backend, case, training, stats)
 
 
