@@ -19,7 +19,8 @@ case "${1:-}" in
     TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 TASKROUTING_BUILD_CUDA=1 \
       $py -m pip install -q --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 \
       || { tail -50 "$out/build.log"; exit 1; }
-    $py -m pytest -q tests/test_cuda.py tests/test_triton_gpu.py -s > "$out/gpu-tests.log" 2>&1
+    $py -m pytest -q -m gpu tests/test_bn_relu_route.py tests/test_cuda_kernels.py tests/test_triton_kernels.py -s \
+      > "$out/gpu-tests.log" 2>&1
     status=$?
     tail -30 "$out/gpu-tests.log"
     exit $status

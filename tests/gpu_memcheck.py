@@ -3,7 +3,7 @@
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 \
         python tests/gpu_memcheck.py
 
-(tests/test_cuda.py::test_memcheck does exactly this.) Without the caching allocator every tensor
+(tests/test_cuda_kernels.py::test_memcheck does exactly this.) Without the caching allocator every tensor
 is its own allocation, so a read or write one element past a tensor is reported. The cases cover
 both layouts, every dtype, vectorised and scalar paths, per-batch and per-sample routes, empty
 batches, N = 1, C = 1, H*W = 1, the split reduction with its merge kernel and the fused
@@ -35,8 +35,11 @@ def exercise(shape, dtype, channels_last, per_sample, offset=False):
     numel = 1
     for s in shape:
         numel *= s
-    base = torch.randn(numel + (1 if offset else 0), device=dev).to(dtype)
-    x = layout((base[1:] if offset else base).view(shape), channels_last)
+    x = layout(torch.randn(shape, device=dev).to(dtype), channels_last)
+    if offset:  # the same layout one element into a larger storage: misaligned for vector loads
+        base = torch.empty(numel + 1, device=dev, dtype=dtype)
+        x = base[1:].as_strided(x.shape, x.stride()).copy_(x)
+        assert x.storage_offset() == 1 and (not channels_last or x.is_contiguous(memory_format=torch.channels_last))
     dy = layout(torch.randn(shape, device=dev).to(dtype), channels_last)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     if per_sample:
