@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .layout import output_strides
+
 __all__ = ["bn_relu_route_reference", "route_view", "update_running_stats", "unbiased_var"]
 
 
@@ -74,8 +76,30 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
 def bn_relu_route_reference(x, route, weight=None, bias=None, running_mean=None, running_var=None,
                             training=True, momentum=0.1, eps=1e-5, routed_stats=False):
     """``relu(batch_norm(x)) * route``; updates the running stats in place when training."""
+    x = _GradInKernelLayout.apply(x)
     if training and routed_stats:
         y = _routed_batch_norm(x, route, weight, bias, running_mean, running_var, momentum, eps)
     else:
         y = _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    return F.relu(y) * route_view(route, x)
+    return _restride(F.relu(y) * route_view(route, x), output_strides(x))
+
+
+def _restride(t: torch.Tensor, strides) -> torch.Tensor:
+    """``t`` with ``strides``; a copy only where PyTorch chose others (e.g. batch_norm of a
+    permuted or a channels-last 3-D input)."""
+    if t.stride() == strides:
+        return t
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
+
+
+class _GradInKernelLayout(torch.autograd.Function):
+    """Identity on x whose backward gives grad_x the strides every backend returns for x."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.strides = output_strides(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _restride(grad, ctx.strides)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import extension
+from .layout import empty_output
 
 __all__ = ["SCHEMAS", "FAMILIES", "UPDATE_SCHEMA", "NATIVE_KERNELS", "NATIVE_UPDATE", "stats_dtype"]
 
@@ -65,22 +66,19 @@ def _per_channel(x: torch.Tensor) -> torch.Tensor:
 def _fake_forward(x, route, weight, bias, running_mean, running_var, training, eps, routed_stats,
                   stats_all_channels):
     empty = x.new_empty(0 if not training else x.shape[1], dtype=stats_dtype(x))
-    return (torch.empty_like(x), _per_channel(x), _per_channel(x), empty, empty.clone())
+    return (empty_output(x), _per_channel(x), _per_channel(x), empty, empty.clone())
 
 
 def _fake_backward(grad_y, x, route, weight, bias, mean, invstd, count, training, routed_stats,
                    output_mask):
     def like(t, needed):
         return torch.empty_like(t) if (t is not None and needed) else x.new_empty(0)
-    return like(x, output_mask[0]), like(weight, output_mask[1]), like(bias, output_mask[2])
+    grad_x = empty_output(x) if output_mask[0] else x.new_empty(0)
+    return grad_x, like(weight, output_mask[1]), like(bias, output_mask[2])
 
 
 def _fake_channel_stats(x, route, routed_stats, all_channels):
     return _per_channel(x), _per_channel(x), _per_channel(x)
-
-
-def _fake_like_x(x, *args):
-    return torch.empty_like(x)
 
 
 def _fake_backward_reduce(grad_y, x, *args):
@@ -91,9 +89,9 @@ _FAKES = {
     "bn_relu_route": _fake_forward,
     "bn_relu_route_backward": _fake_backward,
     "channel_stats": _fake_channel_stats,
-    "normalize_relu_route": lambda x, *a: torch.empty_like(x),
+    "normalize_relu_route": lambda x, *a: empty_output(x),
     "backward_reduce": _fake_backward_reduce,
-    "backward_apply": lambda grad_y, x, *a: torch.empty_like(x),
+    "backward_apply": lambda grad_y, x, *a: empty_output(x),
 }
 
 

@@ -9,9 +9,9 @@ kernels are loaded per mode rather than once at import).
 
 Layouts. ``x`` ``[N, C, *]`` is handled natively as NCHW-contiguous (HW contiguous) or
 channels_last / channels_last_3d (C contiguous; also ``[N, C]`` and any input with HW = 1);
-any other layout is copied once to contiguous. Outputs are allocated with
-``torch.empty_like(x)`` (the fake kernels' metadata), i.e. in x's memory format. ``grad_y`` is
-used as is when it has x's layout, else copied once into it.
+any other layout is copied once to contiguous (``ops/layout.py``). Outputs are allocated like
+that kernel input, which is what the fake kernels return (``layout.empty_output``): no copy back
+into x's own layout. ``grad_y`` is used as is when it has x's layout, else copied once into it.
 
 Launch plan (per op call; all launches of one op go to the current stream):
 
@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 import triton  # noqa: F401  (an ImportError here: the backend is unavailable)
 
+from ..layout import kernel_input
 from . import kernels
 
 __all__ = ["Config", "COMPILED", "INTERPRETED", "config_for"]
@@ -105,12 +106,9 @@ def _in_layout(t: torch.Tensor, cl: bool) -> bool:
 
 def _kernel_layout(x: torch.Tensor):
     """``(xk, cl)``: x itself when it is NCHW-contiguous or channels-last dense, else a copy."""
-    hw = math.prod(x.shape[2:])
-    if x.is_contiguous():
-        return x, hw == 1          # [N, C] and HW = 1: channels are the contiguous dim
-    if x.movedim(1, -1).is_contiguous():
-        return x, True
-    return x.contiguous(), hw == 1
+    xk = kernel_input(x)
+    # [N, C] and HW = 1: channels are the contiguous dim
+    return xk, not xk.is_contiguous() or math.prod(x.shape[2:]) == 1
 
 
 @dataclass
@@ -192,13 +190,9 @@ class _Problem:
             return other
         return torch.empty_like(self.xk, dtype=other.dtype).copy_(other)
 
-    def output(self):
-        """``(out, buf)``: ``out = empty_like(x)``; the kernels write ``buf`` (``out`` itself
-        unless ``out`` is not in the kernel layout, then copy ``buf`` into ``out``)."""
-        out = torch.empty_like(self.x)
-        if _in_layout(out, self.cl):
-            return out, out
-        return out, torch.empty_like(self.xk)
+    def output(self) -> torch.Tensor:
+        """An output of x's shape in the kernel layout (the strides the fake kernels return)."""
+        return torch.empty_like(self.xk)
 
     def used(self) -> torch.Tensor:
         """uint8 [C]: channels some sample is routed through."""
@@ -292,7 +286,7 @@ def bn_relu_route(x, route, weight, bias, running_mean, running_var, training, e
             raise ValueError("triton_bn_relu_route: training=False needs running_mean and running_var")
         var = torch.empty(0, dtype=_F32, device=dev)
         count = torch.empty(0, dtype=_F32, device=dev)
-    y, yk = p.output()
+    y = p.output()
     if p.empty:
         if training:
             for t in (mean, var, count):
@@ -310,7 +304,7 @@ def bn_relu_route(x, route, weight, bias, running_mean, running_var, training, e
         plan = p.fused_plan()
         if plan is not None:
             p.launch(p.k.normalize.fused_forward_kernel, (plan.CB,),
-                     p.xk, p.route, yk, w, b, mean, invstd, var, count,
+                     p.xk, p.route, y, w, b, mean, invstd, var, count,
                      p.N, C, p.HW, p.route_sn, eps,
                      ROUTED=routed_stats, SKIP_UNUSED=skip, **affine, **p.geometry(plan))
         else:
@@ -318,7 +312,7 @@ def bn_relu_route(x, route, weight, bias, running_mean, running_var, training, e
             ws = _stats_into(p, plan, skip or (routed_stats and not p.route_2d), routed_stats,
                              mean, var, count, invstd, eps, dummy=mean)
             p.launch(p.k.normalize.normalize_kernel, (plan.CB, plan.P),
-                     p.xk, p.route, yk, w, b, mean, invstd, var, count,
+                     p.xk, p.route, y, w, b, mean, invstd, var, count,
                      ws if ws is not None else mean, mean,
                      p.N, C, p.HW, p.route_sn, plan.Tp, plan.T, plan.TPC, plan.P, eps,
                      STATS=0 if ws is None else 1, BLOCK_PP=plan.block_pp, **affine,
@@ -326,11 +320,9 @@ def bn_relu_route(x, route, weight, bias, running_mean, running_var, training, e
     else:
         plan = p.split_plan()
         p.launch(p.k.normalize.normalize_kernel, (plan.CB, plan.P),
-                 p.xk, p.route, yk, w, b, mean, invstd, mean, mean, running_mean, running_var,
+                 p.xk, p.route, y, w, b, mean, invstd, mean, mean, running_mean, running_var,
                  p.N, C, p.HW, p.route_sn, plan.Tp, plan.T, plan.TPC, 1, eps,
                  STATS=2, BLOCK_PP=1, **affine, **p.geometry(plan))
-    if yk is not y:
-        y.copy_(yk)
     return y, mean, invstd, var, count
 
 
@@ -360,18 +352,16 @@ def normalize_relu_route(x, route, mean, invstd, weight, bias):
     weight, bias = p.param(weight, "weight"), p.param(bias, "bias")
     if mean is None or invstd is None:
         raise ValueError("triton_normalize_relu_route: mean and invstd are required")
-    y, yk = p.output()
+    y = p.output()
     if p.empty:
         return y
     plan = p.split_plan()
     p.launch(p.k.normalize.normalize_kernel, (plan.CB, plan.P),
-             p.xk, p.route, yk, weight if weight is not None else mean,
+             p.xk, p.route, y, weight if weight is not None else mean,
              bias if bias is not None else mean, mean, invstd, mean, mean, mean, mean,
              p.N, p.C, p.HW, p.route_sn, plan.Tp, plan.T, plan.TPC, 1, 0.0,
              STATS=0, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_PP=1,
              **p.geometry(plan))
-    if yk is not y:
-        y.copy_(yk)
     return y
 
 
@@ -406,7 +396,7 @@ def bn_relu_route_backward(grad_y, x, route, weight, bias, mean, invstd, count, 
     need_gx, need_gw, need_gb = (bool(m) for m in output_mask)
     need_gw = need_gw and weight is not None
     need_gb = need_gb and bias is not None
-    gx_out, gxk = p.output() if need_gx else (x.new_empty(0), None)
+    gx_out = p.output() if need_gx else x.new_empty(0)
     gw = torch.empty_like(weight) if need_gw else x.new_empty(0)
     gb = torch.empty_like(bias) if need_gb else x.new_empty(0)
     if p.empty or not (need_gx or need_gw or need_gb):
@@ -418,7 +408,7 @@ def bn_relu_route_backward(grad_y, x, route, weight, bias, mean, invstd, count, 
     b = bias if bias is not None else mean
     cnt = count if training else mean
     affine = dict(HAS_W=weight is not None, HAS_B=bias is not None)
-    gx = gxk if need_gx else mean
+    gx = gx_out if need_gx else mean
     gwp = gw if need_gw else mean
     gbp = gb if need_gb else mean
     plan = p.fused_plan()
@@ -448,8 +438,6 @@ def bn_relu_route_backward(grad_y, x, route, weight, bias, mean, invstd, count, 
                        write_gw=need_gw and ws is not None, write_gb=need_gb and ws is not None)
             elif ws is not None:
                 _finalize_sums(p, plan, ws, invstd, (mean, mean), gwp, gbp, False, need_gw, need_gb)
-    if need_gx and gxk is not gx_out:
-        gx_out.copy_(gxk)
     return gx_out, gw, gb
 
 
@@ -493,7 +481,7 @@ def backward_apply(grad_y, x, route, mean, invstd, weight, bias, sum_dy, sum_dy_
     if training:
         sum_dy, sum_dy_xmu = p.param(sum_dy, "sum_dy"), p.param(sum_dy_xmu, "sum_dy_xmu")
         count = p.param(count, "count")
-    gx_out, gxk = p.output()
+    gx_out = p.output()
     if p.empty:
         return gx_out
     dyk = p.like_x(grad_y, "grad_y")
@@ -502,14 +490,12 @@ def backward_apply(grad_y, x, route, mean, invstd, weight, bias, sum_dy, sum_dy_
     b = bias if bias is not None else mean
     affine = dict(HAS_W=weight is not None, HAS_B=bias is not None)
     if training:
-        _apply(p, plan, dyk, mean, invstd, w, b, (sum_dy, sum_dy_xmu), count, None, gxk, mean, mean,
+        _apply(p, plan, dyk, mean, invstd, w, b, (sum_dy, sum_dy_xmu), count, None, gx_out, mean, mean,
                affine, training=True, routed=bool(routed_stats), sums_mode=0, write_gw=False,
                write_gb=False)
     else:
-        _apply(p, plan, dyk, mean, invstd, w, b, (mean, mean), mean, None, gxk, mean, mean, affine,
+        _apply(p, plan, dyk, mean, invstd, w, b, (mean, mean), mean, None, gx_out, mean, mean, affine,
                training=False, routed=bool(routed_stats), sums_mode=2, write_gw=False, write_gb=False)
-    if gxk is not gx_out:
-        gx_out.copy_(gxk)
     return gx_out
 
 

@@ -73,14 +73,14 @@ def tile_offsets(t, Tp, N, C, HW, c0, CL: tl.constexpr, BN: tl.constexpr, BP: tl
                  BC: tl.constexpr, BIG: tl.constexpr):
     """Offsets ``[BN, BP, BC]`` of tile ``t`` of the channel block starting at ``c0``, the
     in-bounds mask, and the sample / channel indices ``n3 [BN,1,1]``, ``c3 [1,1,BC]``."""
+    if BIG:  # widen before any multiply: on a plane of 2^31 elements the last tile's tp * BP wraps in int32
+        t = tl.full([], 0, tl.int64) + t
     tn = t // Tp
     tp = t - tn * Tp
     n = tn * BN + tl.arange(0, BN)
     p = tp * BP + tl.arange(0, BP)
     c = c0 + tl.arange(0, BC)
     if BIG:
-        n = n.to(tl.int64)
-        p = p.to(tl.int64)
         c = c.to(tl.int64)
     n3 = n[:, None, None]
     p3 = p[None, :, None]
