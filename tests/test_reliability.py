@@ -281,3 +281,21 @@ def test_integer_0_1_masks_are_accepted():
 def test_model_must_be_a_module(call):
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         call()
+
+
+# ----------------------------------------------------------------------------- huge finite inputs
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(4, 3, 2, 2), (5, 3, 7), (3, 3, 5, 3, 2)])
+@pytest.mark.parametrize("scale", [3e19, 1e25, 1e30])
+def test_huge_inputs_stay_as_finite_as_batchnorm(backend, shape, scale):
+    torch.manual_seed(0)
+    x = (torch.randn(shape) + 1.0) * scale  # a mean whose square overflows float32
+    masks = torch.ones(1, 3, dtype=torch.bool)
+    bn = nn.BatchNorm1d(3) if len(shape) == 3 else (nn.BatchNorm2d(3) if len(shape) == 4 else nn.BatchNorm3d(3))
+    expected = torch.relu(bn(x))
+    rm, rv = torch.zeros(3), torch.ones(3)
+    y = ops.bn_relu_route(x, masks, 0, torch.ones(3), torch.zeros(3), rm, rv, backend=backend)
+    assert not expected.isnan().any() and not bn.running_var.isnan().any()
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(rm, bn.running_mean)
+    torch.testing.assert_close(rv, bn.running_var)
