@@ -299,3 +299,13 @@ def test_huge_inputs_stay_as_finite_as_batchnorm(backend, shape, scale):
     torch.testing.assert_close(y, expected)
     torch.testing.assert_close(rm, bn.running_mean)
     torch.testing.assert_close(rv, bn.running_var)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (run under TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("scale", [3e19, 1e25])
+def test_huge_inputs_triton_split_path(monkeypatch, scale):
+    """The multi-chunk path (Welford lanes merged with Chan's formula, empty lanes included)."""
+    triton_ops = importlib.import_module("taskrouting.ops.triton.ops")
+    for name, value in (("fuse_max", 0), ("tile", 8), ("programs", 5), ("block_pp", 2)):
+        monkeypatch.setattr(triton_ops.INTERPRETED, name, value)
+    test_huge_inputs_stay_as_finite_as_batchnorm("triton", (5, 3, 7), scale)
