@@ -4,7 +4,12 @@
 // In C++ rather than with torch.library.register_autograd (which the Triton family uses, same
 // wiring: taskrouting/ops/schemas.py) because the Python wrapper costs ~30 us a call on torch
 // 2.13, most of it re-reading the op's schema: more than the kernels take on a 16x512x7x7 layer.
+//
+// The kernels' backward is not differentiable, so under create_graph (grad mode on during
+// backward) the first backward is taskrouting::bn_relu_route_backward_differentiable instead:
+// the reference formula in PyTorch ops (taskrouting/ops/reference.py), exact to second order.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -38,6 +43,17 @@ const c10::TypedOperatorHandle<Backward>& backward_op() {
   return op;
 }
 
+using DifferentiableBackward = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+    const Tensor&, const Tensor&, bool, double, bool, std::array<bool, 3>);
+
+const c10::TypedOperatorHandle<DifferentiableBackward>& differentiable_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("taskrouting::bn_relu_route_backward_differentiable", "")
+                             .typed<DifferentiableBackward>();
+  return op;
+}
+
 std::optional<Tensor> optional_of(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
 }
@@ -55,6 +71,7 @@ class BNReLURoute : public torch::autograd::Function<BNReLURoute> {
     ctx->save_for_backward({x, route, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, invstd, count});
     ctx->saved_data["training"] = training;
     ctx->saved_data["routed_stats"] = routed_stats;
+    ctx->saved_data["eps"] = eps;
     ctx->mark_non_differentiable({mean, invstd, var, count});
     return {y, mean, invstd, var, count};
   }
@@ -70,9 +87,15 @@ class BNReLURoute : public torch::autograd::Function<BNReLURoute> {
     const std::array<bool, 3> mask{ctx->needs_input_grad(0), need_w, need_b};
     variable_list out(10);
     if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return out;
-    auto [gx, gw, gb] = backward_op().call(grads[0], x, route, optional_of(weight), optional_of(bias), saved[4],
-                                           saved[5], saved[6], ctx->saved_data["training"].toBool(),
-                                           ctx->saved_data["routed_stats"].toBool(), mask);
+    const bool training = ctx->saved_data["training"].toBool();
+    const bool routed_stats = ctx->saved_data["routed_stats"].toBool();
+    auto [gx, gw, gb] =
+        at::GradMode::is_enabled()
+            ? differentiable_backward_op().call(grads[0], x, route, optional_of(weight), optional_of(bias), saved[4],
+                                                saved[5], training, ctx->saved_data["eps"].toDouble(),
+                                                routed_stats, mask)
+            : backward_op().call(grads[0], x, route, optional_of(weight), optional_of(bias), saved[4],
+                                   saved[5], saved[6], training, routed_stats, mask);
     if (mask[0]) out[0] = gx;
     if (mask[1]) out[2] = gw;
     if (mask[2]) out[3] = gb;

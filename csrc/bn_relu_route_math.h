@@ -29,7 +29,9 @@ TR_HOST_DEVICE void welford_merge(Welford<acc_t>& a, acc_t mean_b, acc_t m2_b, a
   const acc_t delta = mean_b - a.mean;
   const acc_t frac_b = count_b / count;
   a.mean += delta * frac_b;
-  a.m2 += m2_b + delta * delta * a.count * frac_b;
+  // delta * (delta * (a.count * frac_b)), not delta * delta * ...: a mean above ~1.8e19 squares to
+  // inf in fp32, and inf * 0 (an empty a) would make M2 NaN where nn.BatchNorm stays finite.
+  a.m2 += m2_b + delta * (delta * (a.count * frac_b));
   a.count = count;
 }
 

@@ -9,22 +9,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.bn_relu_route import BNReLURoute2d
-from ..nn.masks import check_masks, check_sharing_ratio, make_masks
+from ..nn.masks import check_masks, check_seed, check_sharing_ratio, make_masks
 from ..nn.router import TaskConditioned, TaskRouter, active_task
+from ..nn.state import CheckedStateLoad
 from ..ops.checks import check_positive_int
-from ..ops.reference import route_view
+from ..ops.reference import route_select
 from ..ops.route import select_route
 from .heads import TaskHeads
 
 __all__ = ["ReferenceBNReLURoute2d", "ROUTED_BN", "Routing", "RoutedNet", "init_weights"]
 
 
-class ReferenceBNReLURoute2d(nn.BatchNorm2d, TaskConditioned):
+class ReferenceBNReLURoute2d(CheckedStateLoad, nn.BatchNorm2d, TaskConditioned):
     """Unfused ``BatchNorm2d → ReLU → TaskRouter`` (``nn.BatchNorm2d``'s own forward, ``F.relu``,
     then the mask), with the same parameters, buffers and state_dict keys as ``BNReLURoute2d``."""
 
     def __init__(self, num_features: int, *, masks: torch.Tensor, sharing_ratio: float):
-        super().__init__(num_features)
+        super().__init__(check_positive_int(num_features, "num_features"))
         self.sharing_ratio = check_sharing_ratio(sharing_ratio)
         masks = check_masks(masks, num_features)
         self.num_tasks = masks.shape[0]
@@ -32,22 +33,19 @@ class ReferenceBNReLURoute2d(nn.BatchNorm2d, TaskConditioned):
         self.active_task = None
 
     def forward(self, x: torch.Tensor, task=None) -> torch.Tensor:
-        # Route first so that a bad task fails before the running stats are updated.
+        # Checked first so that a bad input or task fails before the running stats are updated.
+        self._check_input_dim(x)
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"x has {x.shape[1]} channels (dim 1) but the layer has {self.num_features}")
         route = select_route(self.masks, self.active_task if task is None else task, x.shape[0], x.device)
         y = F.relu(super().forward(x))
-        return y * route_view(route, y)
+        return route_select(y, route)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_tasks={self.num_tasks}, sharing_ratio={self.sharing_ratio}"
 
 
 ROUTED_BN = (BNReLURoute2d, ReferenceBNReLURoute2d)
-
-
-def _check_seed(seed):
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    return seed
 
 
 class Routing:
@@ -65,8 +63,8 @@ class Routing:
                              "(backend='reference' gives the pure-PyTorch path)")
         self.num_tasks = check_positive_int(num_tasks, "num_tasks")
         self.sharing_ratio = check_sharing_ratio(sharing_ratio)
-        seed = _check_seed(seed)
-        self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+        seed = check_seed(seed)
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
         self.stats, self.fused, self.backend = stats, fused, backend
 
     def masks(self, num_channels: int) -> torch.Tensor:

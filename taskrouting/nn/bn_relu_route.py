@@ -5,14 +5,16 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops.checks import DTYPES, check_positive_int
 from ..ops.route import select_route
 from .masks import build_masks, check_sharing_ratio
 from .router import TaskConditioned
+from .state import CheckedStateLoad
 
 __all__ = ["BNReLURoute1d", "BNReLURoute2d", "BNReLURoute3d"]
 
 
-class _BNReLURoute(nn.modules.batchnorm._BatchNorm, TaskConditioned):
+class _BNReLURoute(CheckedStateLoad, nn.modules.batchnorm._BatchNorm, TaskConditioned):
     """``TaskRouter(ReLU(BatchNorm(x)))`` in one op; same arguments and state_dict as
     ``nn.BatchNorm*d`` plus the routing ones and the bool buffer ``masks``."""
 
@@ -23,6 +25,9 @@ class _BNReLURoute(nn.modules.batchnorm._BatchNorm, TaskConditioned):
                  num_tasks: int | None = None, sharing_ratio: float = 0.5, seed: int | None = None,
                  masks: torch.Tensor | None = None, stats: str = "batch", backend: str = "auto",
                  **batchnorm_kwargs):
+        num_features = check_positive_int(num_features, "num_features")
+        if dtype is not None and dtype not in DTYPES:
+            raise TypeError(f"dtype must be None or one of {', '.join(map(str, DTYPES))}, got {dtype!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          **batchnorm_kwargs)
         if stats not in ("batch", "routed"):
@@ -42,14 +47,15 @@ class _BNReLURoute(nn.modules.batchnorm._BatchNorm, TaskConditioned):
             raise ValueError(f"{type(self).__name__} expects a {' or '.join(map(str, self._ranks))}-D "
                              f"input x, got {x.dim()}-D (shape {tuple(x.shape)})")
 
+    def _counts_batch(self) -> bool:
+        return self.training and self.track_running_stats and self.num_batches_tracked is not None
+
     def _average_factor(self) -> float:
-        """Running-stat factor, counting the batch (nn.BatchNorm's rule, ``momentum=None`` = cumulative)."""
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        return factor
+        """Running-stat factor for this batch, as if counted (nn.BatchNorm's rule, ``momentum=None`` =
+        cumulative); the batch is counted only once the op has succeeded."""
+        if self.momentum is not None:
+            return self.momentum
+        return 1.0 / (float(self.num_batches_tracked) + 1.0) if self._counts_batch() else 0.0
 
     def forward(self, x: torch.Tensor, task=None) -> torch.Tensor:
         self._check_input_dim(x)
@@ -57,12 +63,14 @@ class _BNReLURoute(nn.modules.batchnorm._BatchNorm, TaskConditioned):
         keep_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if keep_running else None
         running_var = self.running_var if keep_running else None
-        # Everything is checked before num_batches_tracked counts the batch.
         ops.check_inputs(x, self.masks, self.weight, self.bias, running_mean, running_var, use_batch_stats,
                          self.momentum or 0.0, self.eps, self.stats)
         route = select_route(self.masks, self.active_task if task is None else task, x.shape[0], x.device)
-        return ops.bn_relu_route_on(x, route, self.weight, self.bias, running_mean, running_var,
-                                    use_batch_stats, self._average_factor(), self.eps, self.stats, self.backend)
+        y = ops.bn_relu_route_on(x, route, self.weight, self.bias, running_mean, running_var,
+                                 use_batch_stats, self._average_factor(), self.eps, self.stats, self.backend)
+        if self._counts_batch():  # after the op: a rejected call (e.g. an unavailable backend) counts nothing
+            self.num_batches_tracked.add_(1)
+        return y
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, num_tasks={self.num_tasks}, sharing_ratio={self.sharing_ratio}, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from .bn_relu_route import BNReLURoute1d, BNReLURoute2d, BNReLURoute3d
-from .router import TaskRouter
+from .router import TaskRouter, check_model
 
 __all__ = ["fuse"]
 
@@ -33,6 +33,7 @@ def fuse(model: nn.Module, *, stats: str = "batch", backend: str = "auto") -> nn
     router become ``nn.Identity``. Weights, running stats, masks and the active task are kept, so
     outputs and gradients are unchanged. Works in place and returns ``model``.
     """
+    check_model(model)
     for module in list(model.modules()):
         if not isinstance(module, nn.Sequential):
             continue

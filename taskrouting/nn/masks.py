@@ -8,7 +8,7 @@ import torch
 
 from ..ops.checks import check_positive_int
 
-__all__ = ["make_masks", "check_masks", "check_sharing_ratio", "active_per_task", "build_masks"]
+__all__ = ["make_masks", "check_masks", "check_sharing_ratio", "check_seed", "active_per_task", "build_masks"]
 
 
 def active_per_task(num_channels: int, sharing_ratio: float) -> int:
@@ -64,9 +64,9 @@ def check_masks(masks, num_channels: int | None = None) -> torch.Tensor:
     if masks.dim() != 2:
         raise ValueError(f"masks must have shape [num_tasks, num_channels], got {tuple(masks.shape)}")
     if masks.dtype != torch.bool:
-        if masks.dtype.is_floating_point or masks.dtype.is_complex:
-            if not bool(((masks == 0) | (masks == 1)).all()):
-                raise ValueError("masks must be binary (0/1 or bool)")
+        if not bool(((masks == 0) | (masks == 1)).all()):
+            raise ValueError(f"masks must be binary (bool, or exactly 0/1 values), got dtype {masks.dtype} "
+                             f"with other values")
         masks = masks != 0
     if masks.shape[0] < 1 or masks.shape[1] < 1:
         raise ValueError(f"masks must have at least one task and one channel, got {tuple(masks.shape)}")
@@ -79,6 +79,17 @@ def check_masks(masks, num_channels: int | None = None) -> torch.Tensor:
     return masks
 
 
+def check_seed(seed):
+    """``seed`` as ``torch.Generator.manual_seed`` takes it: None, or an int that fits in 64 bits."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if not -2 ** 63 <= seed < 2 ** 64:
+        raise ValueError(f"seed must fit in 64 bits (in [-2**63, 2**64)), got {seed}")
+    return int(seed)
+
+
 def build_masks(num_channels: int, num_tasks: int, sharing_ratio: float, seed, masks) -> torch.Tensor:
     """Masks from the user, or drawn from ``seed`` (or torch's global RNG when seed is None)."""
     if masks is not None:
@@ -88,9 +99,6 @@ def build_masks(num_channels: int, num_tasks: int, sharing_ratio: float, seed, m
         return masks.detach().clone()
     if num_tasks is None:
         raise ValueError("num_tasks is required when masks are not given")
-    generator = None
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        generator = torch.Generator().manual_seed(int(seed))
+    seed = check_seed(seed)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
     return make_masks(num_tasks, num_channels, sharing_ratio, generator=generator)

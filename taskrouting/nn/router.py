@@ -7,8 +7,10 @@ import numbers
 import torch
 from torch import nn
 
+from ..ops.reference import route_select
 from ..ops.route import select_route
 from .masks import build_masks, check_sharing_ratio
+from .state import CheckedStateLoad
 
 __all__ = ["TaskConditioned", "TaskRouter", "set_active_task", "active_task"]
 
@@ -34,8 +36,9 @@ def check_task(task):
     raise TypeError(f"task must be an int, an integer LongTensor [N] or None, got {task!r}")
 
 
-class TaskRouter(nn.Module, TaskConditioned):
-    """Task Routing Layer: ``y = x * masks[active_task]`` over the channel dim (dim 1).
+class TaskRouter(CheckedStateLoad, nn.Module, TaskConditioned):
+    """Task Routing Layer: ``y = x * masks[active_task]`` over the channel dim (dim 1); a masked
+    channel is exactly 0 (selected, not multiplied: NaN and inf in ``x`` there give 0 too).
 
     ``active_task`` is one int for the whole batch or a LongTensor ``[N]`` of per-sample ids.
     Masks are a bool buffer (saved, moved by ``.to()``, never trained).
@@ -57,15 +60,21 @@ class TaskRouter(nn.Module, TaskConditioned):
         if x.shape[1] != self.num_channels:
             raise ValueError(f"x has {x.shape[1]} channels but the router has {self.num_channels}")
         route = select_route(self.masks, self.active_task if task is None else task, x.shape[0], x.device)
-        shape = (-1 if route.dim() == 2 else 1, self.num_channels) + (1,) * (x.dim() - 2)
-        return x * route.view(shape).to(x.dtype)
+        return route_select(x, route)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, num_tasks={self.num_tasks}, sharing_ratio={self.sharing_ratio}"
 
 
+def check_model(model) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return model
+
+
 def set_active_task(model: nn.Module, task) -> nn.Module:
     """Set the active task (int, or LongTensor ``[N]`` per sample) on every task-conditioned module."""
+    check_model(model)
     task = check_task(task)
     for module in model.modules():
         if isinstance(module, TaskConditioned):
@@ -76,6 +85,7 @@ def set_active_task(model: nn.Module, task) -> nn.Module:
 @contextlib.contextmanager
 def active_task(model: nn.Module, task):
     """Context manager: ``task`` is active inside the block, the previous tasks are restored after."""
+    check_model(model)
     task = check_task(task)
     saved = [(m, m.active_task) for m in model.modules() if isinstance(m, TaskConditioned)]
     try:

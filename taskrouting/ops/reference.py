@@ -11,13 +11,22 @@ import torch.nn.functional as F
 
 from .layout import output_strides
 
-__all__ = ["bn_relu_route_reference", "route_view", "update_running_stats", "unbiased_var"]
+__all__ = ["bn_relu_route_reference", "bn_relu_route_backward_reference", "route_view", "route_select",
+           "update_running_stats", "unbiased_var"]
 
 
 def route_view(route: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``route`` shaped to broadcast against ``x`` ([N or 1, C, 1, ...]), in x's dtype."""
     lead = route.shape[0] if route.dim() == 2 else 1
     return route.reshape((lead, x.shape[1]) + (1,) * (x.dim() - 2)).to(x.dtype)
+
+
+def route_select(y: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+    """``y`` on routed channels, exactly 0 on masked ones whatever ``y`` holds (NaN * 0 would be NaN),
+    with zero gradient there too."""
+    lead = route.shape[0] if route.dim() == 2 else 1
+    keep = route.reshape((lead, y.shape[1]) + (1,) * (y.dim() - 2))
+    return torch.where(keep, y, y.new_zeros(()))
 
 
 def unbiased_var(var: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -38,14 +47,13 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum: 
 def _routed_batch_norm(x, route, weight, bias, running_mean, running_var, momentum, eps):
     """Batch norm whose per-channel statistics use only the samples routed through the channel."""
     xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    r = route_view(route, xf)
     dims = [0] + list(range(2, x.dim()))
-    count = (r.expand_as(xf)).sum(dims)
+    count = route_view(route, xf).expand_as(xf).sum(dims)
     safe = count.clamp_min(1)
     shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
-    mean = (xf * r).sum(dims) / safe
+    mean = route_select(xf, route).sum(dims) / safe  # select, not multiply: unrouted values are never read
     centered = xf - mean.view(shape)
-    var = (centered.square() * r).sum(dims) / safe
+    var = route_select(centered.square(), route).sum(dims) / safe
     xhat = centered * torch.rsqrt(var + eps).view(shape)
     if weight is not None:
         xhat = xhat * weight.to(xf.dtype).view(shape)
@@ -73,15 +81,30 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
     return y.to(x.dtype)
 
 
+def _cut_unrouted(route, x, weight, bias):
+    """``x``, ``weight``, ``bias`` with the channels no sample is routed through detached: those
+    channels output 0 whatever ``x`` holds, so their gradient is exactly 0 (a NaN in ``x`` there
+    would otherwise reach grad_weight as NaN * 0)."""
+    used = route if route.dim() == 1 else route.any(0)
+
+    def cut(t, shape):
+        if t is None or not t.requires_grad:
+            return t
+        return torch.where(used.view(shape), t, t.detach())
+    return cut(x, (1, x.shape[1]) + (1,) * (x.dim() - 2)), cut(weight, (-1,)), cut(bias, (-1,))
+
+
 def bn_relu_route_reference(x, route, weight=None, bias=None, running_mean=None, running_var=None,
                             training=True, momentum=0.1, eps=1e-5, routed_stats=False):
-    """``relu(batch_norm(x)) * route``; updates the running stats in place when training."""
+    """``relu(batch_norm(x)) * route``, exactly 0 on masked channels (NaN and inf in ``x`` included);
+    updates the running stats in place when training."""
     x = _GradInKernelLayout.apply(x)
+    x, weight, bias = _cut_unrouted(route, x, weight, bias)
     if training and routed_stats:
         y = _routed_batch_norm(x, route, weight, bias, running_mean, running_var, momentum, eps)
     else:
         y = _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    return _restride(F.relu(y) * route_view(route, x), output_strides(x))
+    return _restride(route_select(F.relu(y), route), output_strides(x))
 
 
 def _restride(t: torch.Tensor, strides) -> torch.Tensor:
@@ -103,3 +126,39 @@ class _GradInKernelLayout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _restride(grad, ctx.strides)
+
+
+def bn_relu_route_backward_reference(grad_y, x, route, weight, bias, mean, invstd, training: bool, eps: float,
+                                     routed_stats: bool, output_mask):
+    """The op's backward (grad_x, grad_weight, grad_bias) as differentiable PyTorch ops, so that a
+    second backward through it is exact: autograd of the reference forward, with ``create_graph``.
+    In training the statistics are recomputed from ``x`` (they depend on it); in eval ``mean`` and
+    ``invstd`` are the running statistics, constants. Outputs not in ``output_mask`` are empty."""
+    given = (x, weight, bias)
+    wanted = [t is not None and bool(need) for t, need in zip(given, output_mask)]
+    with torch.enable_grad():
+        # Differentiate through tensors already in the graph; the others get a fresh leaf.
+        inputs = [t if t is None or t.requires_grad else t.detach().requires_grad_() for t in given]
+        xi, wi, bi = inputs
+        if training:
+            y = bn_relu_route_reference(xi, route, wi, bi, None, None, True, 0.0, eps, routed_stats)
+        else:
+            xi, wi, bi = _cut_unrouted(route, xi, wi, bi)
+            acc = mean.dtype
+            shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+            xhat = (xi.to(acc) - mean.view(shape)) * invstd.view(shape)
+            if wi is not None:
+                xhat = xhat * wi.to(acc).view(shape)
+            if bi is not None:
+                xhat = xhat + bi.to(acc).view(shape)
+            y = route_select(F.relu(xhat), route).to(x.dtype)
+        sources = [t for t, want in zip(inputs, wanted) if want]
+        grads = iter(torch.autograd.grad(y, sources, grad_y, create_graph=True, allow_unused=True))
+    out = []
+    for t, want in zip(inputs, wanted):
+        if not want:
+            out.append(x.new_empty(0))
+            continue
+        g = next(grads)
+        out.append(torch.zeros_like(t) if g is None else g)
+    return tuple(out)

@@ -19,6 +19,7 @@ import torch
 
 from . import extension
 from .layout import empty_output
+from .reference import bn_relu_route_backward_reference
 
 __all__ = ["SCHEMAS", "FAMILIES", "UPDATE_SCHEMA", "NATIVE_KERNELS", "NATIVE_UPDATE", "stats_dtype"]
 
@@ -48,6 +49,13 @@ SCHEMAS = {
 }
 
 FAMILIES = {"native": "", "triton": "triton_"}
+
+# The backward as differentiable PyTorch ops (the reference formula), run by both families'
+# autograd instead of the kernels when grad mode is on during backward (create_graph=True).
+DIFFERENTIABLE_BACKWARD_SCHEMA = (
+    "bn_relu_route_backward_differentiable(Tensor grad_y, Tensor x, Tensor route, Tensor? weight, "
+    "Tensor? bias, Tensor mean, Tensor invstd, bool training, float eps, bool routed_stats, bool[3] output_mask)"
+    " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)")
 
 # Shared by every backend: the running-stat update, in place, compiled for CPU and CUDA.
 UPDATE_SCHEMA = ("update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
@@ -98,11 +106,11 @@ _FAKES = {
 # ----------------------------------------------------------------------------- autograd
 def _make_autograd(backward_op):
     def setup_context(ctx, inputs, output):
-        x, route, weight, bias, _, _, training, _, routed_stats, _ = inputs
+        x, route, weight, bias, _, _, training, eps, routed_stats, _ = inputs
         _, mean, invstd, _, count = output
         ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(x, route, weight, bias, mean, invstd, count)
-        ctx.training, ctx.routed_stats = training, routed_stats
+        ctx.training, ctx.eps, ctx.routed_stats = training, eps, routed_stats
 
     def backward(ctx, grad_y, *unused):
         x, route, weight, bias, mean, invstd, count = ctx.saved_tensors
@@ -110,8 +118,12 @@ def _make_autograd(backward_op):
         mask = [need[0], weight is not None and need[2], bias is not None and need[3]]
         if not any(mask) or grad_y is None:
             return (None,) * 10
-        gx, gw, gb = backward_op(grad_y, x, route, weight, bias, mean, invstd, count,
-                                 ctx.training, ctx.routed_stats, mask)
+        if torch.is_grad_enabled():  # create_graph: a backward that is itself differentiable
+            gx, gw, gb = torch.ops.taskrouting.bn_relu_route_backward_differentiable(
+                grad_y, x, route, weight, bias, mean, invstd, ctx.training, ctx.eps, ctx.routed_stats, mask)
+        else:
+            gx, gw, gb = backward_op(grad_y, x, route, weight, bias, mean, invstd, count,
+                                     ctx.training, ctx.routed_stats, mask)
         return (gx if mask[0] else None, None, gw if mask[1] else None, gb if mask[2] else None,
                 None, None, None, None, None, None)
 
@@ -141,6 +153,8 @@ def _register_autograd(prefix: str) -> None:
 for _prefix in FAMILIES.values():
     _define_family(_prefix)
 _LIB.define(UPDATE_SCHEMA)
+_LIB.define(DIFFERENTIABLE_BACKWARD_SCHEMA)
+_LIB.impl("bn_relu_route_backward_differentiable", bn_relu_route_backward_reference, "CompositeImplicitAutograd")
 torch.library.register_fake("taskrouting::update_running_stats", lambda *args: None, lib=_LIB)
 
 extension.load()  # the compiled kernels (and their autograd) register against the schemas above

@@ -119,7 +119,8 @@ def welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
     n = n_a + n_b
     w = n_b / tl.maximum(n, 1.0)
     d = mean_b - mean_a
-    return mean_a + d * w, m2_a + m2_b + d * d * n_a * w, n
+    # d * (d * (n_a * w)): d * d overflows fp32 for means above ~1.8e19, and inf * 0 (an empty lane) is NaN.
+    return mean_a + d * w, m2_a + m2_b + d * (d * (n_a * w)), n
 
 
 @triton.jit
