@@ -10,9 +10,13 @@ from .nn import (
     BNReLURoute1d,
     BNReLURoute2d,
     BNReLURoute3d,
+    SyncBNReLURoute1d,
+    SyncBNReLURoute2d,
+    SyncBNReLURoute3d,
     TaskConditioned,
     TaskRouter,
     active_task,
+    convert_sync_batchnorm,
     fuse,
     make_masks,
     set_active_task,
@@ -22,4 +26,5 @@ __version__ = "0.1.0"
 
 __all__ = ["make_masks", "TaskRouter", "TaskConditioned", "set_active_task", "active_task", "ops", "nn",
            "BNReLURoute1d", "BNReLURoute2d", "BNReLURoute3d", "fuse", "models",
-           "extract_subnetwork"]
+           "extract_subnetwork", "SyncBNReLURoute1d", "SyncBNReLURoute2d", "SyncBNReLURoute3d",
+           "convert_sync_batchnorm"]

@@ -140,11 +140,15 @@ def _config(args):
 
 
 def _train(args, dataset) -> int:
+    from .training import distributed
     from .training.loop import run_experiment
     from .training.metrics import format_table
 
-    results = run_experiment(dataset, args.model, args.sharing_ratio, _config(args), _model_kwargs(args), args.out,
+    config = distributed.setup(_config(args))  # joins torchrun's process group, if launched by torchrun
+    results = run_experiment(dataset, args.model, args.sharing_ratio, config, _model_kwargs(args), args.out,
                              args.resume, not args.no_progress)
+    if not distributed.is_main():
+        return 0
     print(format_table(results["metrics"], results["baseline"], args.max_rows))
     means, base = results["means"], results["majority_baseline"]
     print(f"mean accuracy {100 * means['accuracy']:.2f}%  precision {100 * means['precision']:.2f}%  "

@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from taskrouting import BNReLURoute2d, TaskRouter, active_task, set_active_task
 from taskrouting.models import ReferenceBNReLURoute2d, TaskHeads, resnet50, vgg11_bn, vgg16_bn
+from taskrouting.nn.bn_relu_route import BATCH_NORMS
 from taskrouting.nn.masks import active_per_task
 
 MODELS = {"vgg11_bn": vgg11_bn, "vgg16_bn": vgg16_bn, "resnet50": resnet50}
@@ -31,7 +32,7 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, BATCH_NORMS):
                 c = m.num_features
                 m.weight.copy_(1 + 0.3 * torch.randn(c, generator=g))
                 m.bias.copy_(0.3 * torch.randn(c, generator=g))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import BNReLURoute1d, BNReLURoute2d, BNReLURoute3d, TaskConditioned, TaskRouter, set_active_task
+from ..nn.bn_relu_route import BATCH_NORMS
 from .cases import ModelSettings
 from .variants import Skip, Step, task_order
 
@@ -39,10 +40,10 @@ _PLAIN_BATCHNORM = {BNReLURoute1d: nn.BatchNorm1d, BNReLURoute2d: nn.BatchNorm2d
 
 
 def _is_routed_batchnorm(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) and isinstance(module, TaskConditioned)
+    return isinstance(module, BATCH_NORMS) and isinstance(module, TaskConditioned)
 
 
-def _plain_batchnorm(module: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+def _plain_batchnorm(module: nn.modules.batchnorm._NormBase) -> nn.Module:
     for routed, plain in _PLAIN_BATCHNORM.items():
         if isinstance(module, routed):
             return plain(module.num_features, module.eps, module.momentum, module.affine,

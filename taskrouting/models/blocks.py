@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.bn_relu_route import BNReLURoute2d
+from ..nn.bn_relu_route import BATCH_NORMS, BNReLURoute2d
 from ..nn.masks import check_masks, check_seed, check_sharing_ratio, make_masks
 from ..nn.router import TaskConditioned, TaskRouter, active_task
 from ..nn.state import CheckedStateLoad
@@ -89,7 +89,7 @@ def init_weights(model: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        elif isinstance(m, BATCH_NORMS):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 

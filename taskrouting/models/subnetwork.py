@@ -44,7 +44,7 @@ def _active(layer: nn.Module, task: int) -> torch.Tensor:
     return layer.masks[task].nonzero().flatten()
 
 
-def _conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, keep: torch.Tensor,
+def _conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._NormBase, keep: torch.Tensor,
              inputs: torch.Tensor | None, fold_bn: bool) -> list[nn.Module]:
     """``conv → bn`` restricted to output channels ``keep`` and input channels ``inputs``
     (all when None): one conv with the BN folded in, or a sliced conv and BatchNorm2d."""

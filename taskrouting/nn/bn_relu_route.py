@@ -11,14 +11,18 @@ from .masks import build_masks, check_sharing_ratio
 from .router import TaskConditioned
 from .state import CheckedStateLoad
 
-__all__ = ["BNReLURoute1d", "BNReLURoute2d", "BNReLURoute3d"]
+__all__ = ["BNReLURoute1d", "BNReLURoute2d", "BNReLURoute3d", "BATCH_NORMS"]
 
 
-class _BNReLURoute(CheckedStateLoad, nn.modules.batchnorm._BatchNorm, TaskConditioned):
+class _BNReLURoute(CheckedStateLoad, nn.modules.batchnorm._NormBase, TaskConditioned):
     """``TaskRouter(ReLU(BatchNorm(x)))`` in one op; same arguments and state_dict as
-    ``nn.BatchNorm*d`` plus the routing ones and the bool buffer ``masks``."""
+    ``nn.BatchNorm*d`` plus the routing ones and the bool buffer ``masks``.
+
+    Derived from ``_NormBase``, not ``_BatchNorm``, so that ``nn.SyncBatchNorm.convert_sync_batchnorm``
+    (which replaces every ``_BatchNorm``) leaves it alone instead of dropping the ReLU and the routing."""
 
     _ranks: tuple[int, ...] = ()
+    _bn_relu_route_on = staticmethod(ops.bn_relu_route_on)  # the sync variant overrides it
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
@@ -66,8 +70,8 @@ class _BNReLURoute(CheckedStateLoad, nn.modules.batchnorm._BatchNorm, TaskCondit
         ops.check_inputs(x, self.masks, self.weight, self.bias, running_mean, running_var, use_batch_stats,
                          self.momentum or 0.0, self.eps, self.stats)
         route = select_route(self.masks, self.active_task if task is None else task, x.shape[0], x.device)
-        y = ops.bn_relu_route_on(x, route, self.weight, self.bias, running_mean, running_var,
-                                 use_batch_stats, self._average_factor(), self.eps, self.stats, self.backend)
+        y = self._bn_relu_route_on(x, route, self.weight, self.bias, running_mean, running_var,
+                                       use_batch_stats, self._average_factor(), self.eps, self.stats, self.backend)
         if self._counts_batch():  # after the op: a rejected call (e.g. an unavailable backend) counts nothing
             self.num_batches_tracked.add_(1)
         return y
@@ -90,3 +94,7 @@ class BNReLURoute2d(_BNReLURoute):
 class BNReLURoute3d(_BNReLURoute):
     """Fused ``BatchNorm3d → ReLU → TaskRouter`` over ``[N, C, D, H, W]``."""
     _ranks = (5,)
+
+
+# Every BatchNorm-like layer with running statistics: PyTorch's and the fused routed ones.
+BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, _BNReLURoute)

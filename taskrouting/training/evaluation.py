@@ -18,6 +18,7 @@ from torch import nn
 
 from ..data import MultiTaskDataset
 from ..nn import set_active_task
+from ..nn.bn_relu_route import BATCH_NORMS
 from .batches import batch_loader, progress_bar
 from .config import TrainConfig
 from .metrics import TaskMetrics, binary_metrics
@@ -26,7 +27,7 @@ __all__ = ["recalibrate_bn", "predict", "evaluate"]
 
 
 def _bn_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    return [m for m in model.modules() if isinstance(m, BATCH_NORMS) and m.track_running_stats]
 
 
 @contextlib.contextmanager

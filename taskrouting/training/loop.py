@@ -18,6 +18,7 @@ from torch import nn
 
 from ..data import MultiTaskDataset
 from ..nn import set_active_task
+from . import distributed
 from .batches import batch_loader, epoch_plan, progress_bar
 from .checkpoints import CHECKPOINT, load_checkpoint, rng_state, save_atomic
 from .config import ModelBuildError, TrainConfig, build_model, seed_everything
@@ -33,23 +34,29 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: MultiT
     """One epoch of Algorithm 1 over ``data``; returns mean loss, samples, seconds, samples/s."""
     model.train()
     batches, tasks, flips = epoch_plan(len(data), data.num_tasks, config.batch_size, config.seed, epoch)
+    part = distributed.shard(batches, flips)  # this process's samples of each batch under torchrun, else None
+    if part is not None:
+        batches, flips = part.batches, part.flips
     hflip = data.hflip if config.hflip is None else config.hflip
     total_loss, samples, start = 0.0, 0, time.perf_counter()
     with progress_bar(len(batches), f"epoch {epoch + 1}/{config.epochs}", progress) as bar:
-        for (x, y), task, flip in zip(batch_loader(data, batches, config.num_workers), tasks, flips):
+        for k, ((x, y), task, flip) in enumerate(zip(batch_loader(data, batches, config.num_workers), tasks, flips)):
             if hflip:
                 x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
             x, target = x.to(config.device), y[:, task].to(config.device)
             set_active_task(model, task)
-            loss = F.binary_cross_entropy_with_logits(model(x), target)
+            logits = model(x)
+            loss = F.binary_cross_entropy_with_logits(logits, target) if part is None else part.loss(logits, target, k)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += float(loss.detach()) * x.shape[0]
+            total_loss += float(loss.detach()) * (x.shape[0] if part is None else part.loss_weight(k))
             samples += x.shape[0]
             rate = samples / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(loss=f"{total_loss / samples:.4f}", img_s=f"{rate:.0f}")
             bar.update()
+    if part is not None:
+        total_loss, samples = part.totals(total_loss, samples)
     seconds = time.perf_counter() - start
     return {"epoch": epoch + 1, "loss": total_loss / max(samples, 1), "samples": samples, "seconds": seconds,
             "samples_per_s": samples / max(seconds, 1e-9)}
@@ -63,6 +70,9 @@ def fit(model: nn.Module, dataset: MultiTaskDataset, config: TrainConfig, out=No
     out = Path(out) if out is not None else None
     train_data, eval_data = dataset.split("train"), dataset.split(config.eval_split)
     model.to(config.device)
+    trained = distributed.prepare_model(model, config)  # DDP with synced BatchNorm under torchrun, else model
+    if not distributed.is_main():
+        log, progress = (lambda *args, **kwargs: None), False
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     start_epoch, history = 0, []
@@ -72,15 +82,16 @@ def fit(model: nn.Module, dataset: MultiTaskDataset, config: TrainConfig, out=No
             start_epoch, history = load_checkpoint(out / CHECKPOINT, model, optimizer, config, log)
             log(f"resumed from {out / CHECKPOINT} after epoch {start_epoch}")
     for epoch in range(start_epoch, config.epochs):
-        history.append(train_epoch(model, optimizer, train_data, epoch, config, progress))
+        history.append(train_epoch(trained, optimizer, train_data, epoch, config, progress))
         h = history[-1]
         log(f"epoch {h['epoch']}/{config.epochs}: loss {h['loss']:.4f}, {h['samples_per_s']:.0f} samples/s, "
             f"{h['seconds']:.1f} s")
-        if out is not None:
+        if out is not None and distributed.is_main():
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                    "history": history, "rng": rng_state(), "config": dataclasses.asdict(config)}, out / CHECKPOINT)
     start = time.perf_counter()
-    metrics = evaluate(model, eval_data, config, progress, train_data)
+    with distributed.local_statistics(model):
+        metrics = evaluate(model, eval_data, config, progress, train_data)
     eval_seconds = time.perf_counter() - start
     baseline = majority_baseline(train_data.labels, eval_data.labels, eval_data.task_names, config.zero_division)
     results = {
@@ -92,7 +103,7 @@ def fit(model: nn.Module, dataset: MultiTaskDataset, config: TrainConfig, out=No
         "means": metrics.means(), "majority_baseline": baseline.means(),
         "per_task": [dict(row, majority_accuracy=b["accuracy"]) for row, b in zip(metrics.rows(), baseline.rows())],
     }
-    if out is not None:
+    if out is not None and distributed.is_main():
         write_results(results, out)
     results["metrics"], results["baseline"] = metrics, baseline  # objects, for callers; not serialised
     return results

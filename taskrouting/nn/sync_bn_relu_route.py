@@ -1,0 +1,133 @@
+"""SyncBNReLURoute1d/2d/3d: the fused layer with batch statistics over every process of a group.
+
+Training with more than one process, the op runs in its stages with one collective between them:
+forward ``channel_stats`` -> all-reduce of ``[count·mean, M2 + count·mean², count, used]``
+(float64, so the merged variance loses nothing to cancellation) -> ``normalize_relu_route``;
+backward ``backward_reduce`` -> all-reduce of ``[sum_dy, sum_dy_xmu]`` -> ``backward_apply``. Every
+process then computes what one process computes on the concatenated batch: its slice of the
+output and of ``grad_x``, and its share of the weight and bias gradients (DDP sums them), and the
+same running statistics. In eval mode, with one process, or outside ``torch.distributed``, it is
+the plain fused layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .. import ops
+from ..ops.bn_relu_route import _update_running_stats
+from ..ops.reference import route_view
+from ..ops.schemas import stats_dtype
+from ..ops.stages import stage_ops
+from .bn_relu_route import BNReLURoute1d, BNReLURoute2d, BNReLURoute3d, _BNReLURoute
+
+__all__ = ["SyncBNReLURoute1d", "SyncBNReLURoute2d", "SyncBNReLURoute3d", "world_size"]
+
+
+def world_size(process_group=None) -> int:
+    """Processes in ``process_group`` (the default group when None); 1 outside ``torch.distributed``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(process_group)
+
+
+def _local_used(route: torch.Tensor) -> torch.Tensor:
+    return route.any(0) if route.dim() == 2 else route
+
+
+class _SyncedBNReLURoute(torch.autograd.Function):
+    """The staged op with the per-channel sums all-reduced between the stages."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, route, stages, routed, eps, group, running_mean, running_var, momentum):
+        channels, dtype = x.shape[1], stats_dtype(x)
+        used = _local_used(route)
+        if x.shape[0] == 0:  # an empty shard still joins the collectives, with nothing to add
+            mean = var = count = x.new_zeros(channels, dtype=dtype)
+        else:
+            mean, var, count = stages.channel_stats(x, route, routed, not routed)
+        m, c = mean.double(), count.double()
+        parts = [c * m, c * (var.double() + m.square()), c]
+        if not routed:  # which channels some process routes: they need grad_x on every process
+            parts.append(used.double())
+        packed = torch.cat(parts)
+        dist.all_reduce(packed, group=group)
+        total, sums, squares = packed[2 * channels:3 * channels], packed[:channels], packed[channels:2 * channels]
+        safe = total.clamp_min(1)
+        global_mean = sums / safe
+        global_var = (squares / safe - global_mean.square()).clamp_min(0)
+        extra = None
+        if not routed:
+            extra = (packed[3 * channels:] > 0) & ~used
+            values, widened = torch.stack([total.max(), extra.any().double()]).tolist()
+            if values <= 1:
+                raise ValueError(f"Expected more than 1 value per channel when training, got {values:.0f} "
+                                 f"over all {world_size(group)} processes")
+            extra = extra if widened else None
+        mean, var, count = global_mean.to(dtype), global_var.to(dtype), total.to(dtype)
+        invstd = torch.rsqrt(var + eps)
+        if running_mean is not None:
+            _update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        y = torch.empty_like(x) if x.shape[0] == 0 else stages.normalize_relu_route(x, route, mean, invstd,
+                                                                                      weight, bias)
+        ctx.save_for_backward(x, weight, bias, route, mean, invstd, count, extra)
+        ctx.stages, ctx.routed, ctx.group = stages, routed, group
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, bias, route, mean, invstd, count, extra = ctx.saved_tensors
+        stages = ctx.stages
+        if x.shape[0] == 0:
+            sum_dy = sum_dy_xmu = mean.new_zeros(x.shape[1])
+        else:
+            sum_dy, sum_dy_xmu = stages.backward_reduce(grad_y, x, route, mean, invstd, weight, bias)
+        packed = torch.cat([sum_dy, sum_dy_xmu])
+        dist.all_reduce(packed, group=ctx.group)
+        global_dy, global_dy_xmu = packed.chunk(2)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if x.shape[0] == 0:
+                grad_x = torch.zeros_like(x)
+            else:
+                if extra is not None:
+                    # Channels only other processes route: no gradient flows through them here, but these
+                    # samples entered their batch statistics. Mark them routed and zero their grad_y.
+                    grad_y = grad_y * route_view(route, grad_y)
+                    route = route | extra
+                grad_x = stages.backward_apply(grad_y, x, route, mean, invstd, weight, bias, global_dy,
+                                               global_dy_xmu, count, True, ctx.routed)
+        grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] \
+            else None
+        grad_bias = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+
+
+class _SyncBNReLURoute(_BNReLURoute):
+    """``BNReLURoute*d`` whose training batch statistics span every process of ``process_group``
+    (the default group when None); same arguments and state_dict otherwise."""
+
+    def __init__(self, *args, process_group=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+
+    def _bn_relu_route_on(self, x, route, weight, bias, running_mean, running_var, training, momentum, eps,
+                          stats, backend):
+        if not (training and self.training and world_size(self.process_group) > 1):
+            return ops.bn_relu_route_on(x, route, weight, bias, running_mean, running_var, training, momentum,
+                                        eps, stats, backend)
+        stages = stage_ops(ops.resolve_backend(backend, x))
+        return _SyncedBNReLURoute.apply(x, weight, bias, route, stages, stats == "routed", float(eps),
+                                        self.process_group, running_mean, running_var, float(momentum))
+
+
+class SyncBNReLURoute1d(_SyncBNReLURoute, BNReLURoute1d):
+    """``BNReLURoute1d`` with statistics synchronised over ``process_group``."""
+
+
+class SyncBNReLURoute2d(_SyncBNReLURoute, BNReLURoute2d):
+    """``BNReLURoute2d`` with statistics synchronised over ``process_group``."""
+
+
+class SyncBNReLURoute3d(_SyncBNReLURoute, BNReLURoute3d):
+    """``BNReLURoute3d`` with statistics synchronised over ``process_group``."""
