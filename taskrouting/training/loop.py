@@ -9,6 +9,7 @@ batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -19,13 +20,37 @@ from torch import nn
 from ..data import MultiTaskDataset
 from ..nn import set_active_task
 from .batches import batch_loader, epoch_plan, progress_bar
-from .checkpoints import CHECKPOINT, load_checkpoint, rng_state, save_atomic
+from .checkpoints import CHECKPOINT, load_checkpoint, non_finite_parameters, save_checkpoint
 from .config import ModelBuildError, TrainConfig, build_model, seed_everything
 from .evaluation import evaluate
 from .metrics import majority_baseline
 from .results import write_results
 
-__all__ = ["train_epoch", "fit", "run_experiment"]
+__all__ = ["TrainingDiverged", "train_epoch", "fit", "run_experiment"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or infinite: the run stops, and nothing of it is saved."""
+
+
+def _check_loss(loss: float, epoch: int, batch: int, task: int, config: TrainConfig) -> None:
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"training diverged: loss {loss} at epoch {epoch + 1}, batch {batch + 1} (task "
+                               f"{task}); try a smaller learning rate than lr={config.lr:g}")
+
+
+def _check_weights(model: nn.Module, epoch: int, config: TrainConfig) -> None:
+    bad = non_finite_parameters(model)
+    if bad:
+        raise TrainingDiverged(f"training diverged: non-finite weights after epoch {epoch + 1} (in {bad[0]}); "
+                               f"try a smaller learning rate than lr={config.lr:g}")
+
+
+def _split(dataset: MultiTaskDataset, name: str, least: int) -> MultiTaskDataset:
+    data = dataset.split(name)
+    if len(data) < least:
+        raise ValueError(f"{dataset.name}: the {name} split has {len(data)} samples; a run needs at least {least}")
+    return data
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: MultiTaskDataset, epoch: int,
@@ -36,16 +61,19 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: MultiT
     hflip = data.hflip if config.hflip is None else config.hflip
     total_loss, samples, start = 0.0, 0, time.perf_counter()
     with progress_bar(len(batches), f"epoch {epoch + 1}/{config.epochs}", progress) as bar:
-        for (x, y), task, flip in zip(batch_loader(data, batches, config.num_workers), tasks, flips):
+        for batch, ((x, y), task, flip) in enumerate(zip(batch_loader(data, batches, config.num_workers), tasks,
+                                                         flips)):
             if hflip:
                 x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
             x, target = x.to(config.device), y[:, task].to(config.device)
             set_active_task(model, task)
             loss = F.binary_cross_entropy_with_logits(model(x), target)
+            value = float(loss.detach())
+            _check_loss(value, epoch, batch, task, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += float(loss.detach()) * x.shape[0]
+            total_loss += value * x.shape[0]
             samples += x.shape[0]
             rate = samples / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(loss=f"{total_loss / samples:.4f}", img_s=f"{rate:.0f}")
@@ -55,30 +83,37 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: MultiT
             "samples_per_s": samples / max(seconds, 1e-9)}
 
 
+def _run_settings(dataset: MultiTaskDataset, config: TrainConfig, info: dict | None) -> dict:
+    """What a checkpoint must match to be resumed by this run: the data's tasks, the seed (masks, batches)
+    and how the model was built."""
+    return {"dataset": dataset.name, "task_names": list(dataset.task_names), "seed": config.seed, **(info or {})}
+
+
 def fit(model: nn.Module, dataset: MultiTaskDataset, config: TrainConfig, out=None, resume: bool = False,
         progress: bool = True, log=print, info: dict | None = None) -> dict:
     """Train on ``dataset``'s train split, evaluate on ``config.eval_split``; with ``out``, checkpoint
     after every epoch (``resume`` continues from it) and write the results there. Returns them
     (``info``: extra entries for the results, e.g. how the model was built)."""
     out = Path(out) if out is not None else None
-    train_data, eval_data = dataset.split("train"), dataset.split(config.eval_split)
+    train_data, eval_data = _split(dataset, "train", 2), _split(dataset, config.eval_split, 1)
     model.to(config.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     start_epoch, history = 0, []
+    run = _run_settings(dataset, config, info)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if resume and (out / CHECKPOINT).is_file():
-            start_epoch, history = load_checkpoint(out / CHECKPOINT, model, optimizer, config, log)
+            start_epoch, history = load_checkpoint(out / CHECKPOINT, model, optimizer, config, log, run)
             log(f"resumed from {out / CHECKPOINT} after epoch {start_epoch}")
     for epoch in range(start_epoch, config.epochs):
         history.append(train_epoch(model, optimizer, train_data, epoch, config, progress))
         h = history[-1]
         log(f"epoch {h['epoch']}/{config.epochs}: loss {h['loss']:.4f}, {h['samples_per_s']:.0f} samples/s, "
             f"{h['seconds']:.1f} s")
+        _check_weights(model, epoch, config)
         if out is not None:
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                   "history": history, "rng": rng_state(), "config": dataclasses.asdict(config)}, out / CHECKPOINT)
+            save_checkpoint(out / CHECKPOINT, model, optimizer, epoch + 1, history, config, run)
     start = time.perf_counter()
     metrics = evaluate(model, eval_data, config, progress, train_data)
     eval_seconds = time.perf_counter() - start
