@@ -18,6 +18,9 @@ def load_digits(root=None, image_size: int = 32, test_every: int = 5) -> MultiTa
     """
     if root is not None:
         raise ValueError("digits ships with scikit-learn: root must be None")
+    for value, name, least in ((image_size, "image_size", 1), (test_every, "test_every", 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     from sklearn.datasets import load_digits as sklearn_digits
 
     bunch = sklearn_digits()
