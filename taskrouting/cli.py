@@ -3,26 +3,71 @@
     taskrouting train --data digits --model vgg11 --sharing-ratio 0.4 --epochs 35 --out runs/digits
     taskrouting sweep --data synthetic --data-arg num_tasks=300 --sharing-ratios 0,0.2,0.4,0.6,0.8,1
     taskrouting bench --quick
+
+Exit status: 0 done; 1 the run failed (training diverged: non-finite loss or weights); 2 a mistake in the
+command or its inputs (a flag, a data file, a checkpoint), told in one line on stderr (--debug: the traceback).
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import importlib
+import math
+import os
 import sys
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "UsageError"]
+
+
+class UsageError(Exception):
+    """A mistake in the command line: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{self.prog}: error: {message}")
 
 
 def _value(text: str):
-    """A --data-arg value: a Python literal (int, float, tuple, ...), true/false, else the string."""
+    """A --data-arg value: a Python literal (int, float, tuple, ...), true/false, inf/nan, else the string."""
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
+        pass
+    try:
+        return float(text)
+    except ValueError:
         return text
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = _finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a sharing ratio is in [0, 1], got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def _data_arg(text: str):
@@ -32,18 +77,18 @@ def _data_arg(text: str):
     return key.strip(), _value(value.strip())
 
 
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+def _ratio_list(text: str) -> list[float]:
+    values = [_ratio(v) for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sharing ratios, got {text!r}")
+    return values
 
 
 def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    values = [_positive_int(v) for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return values
 
 
 def _task_selection(text: str):
@@ -63,7 +108,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                       help="keyword for the loader, e.g. num_tasks=300, relatedness=0.5, image_size=64 (repeatable)")
     model = p.add_argument_group("model")
     model.add_argument("--model", default="vgg11", choices=list(MODELS))
-    model.add_argument("--width-mult", type=float, default=1.0, help="multiplies every conv width")
+    model.add_argument("--width-mult", type=_finite, default=1.0, help="multiplies every conv width")
     model.add_argument("--pool-size", type=int, help="side of the pool before the heads (model default if unset)")
     model.add_argument("--embedding-dim", type=int, help="width of each task's embedding (model default if unset)")
     model.add_argument("--stats", choices=("batch", "routed"), default="batch")
@@ -72,9 +117,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     train = p.add_argument_group("training (defaults: the paper's)")
     train.add_argument("--epochs", type=int, default=d.epochs)
     train.add_argument("--batch-size", type=int, default=d.batch_size)
-    train.add_argument("--lr", type=float, default=d.lr)
-    train.add_argument("--momentum", type=float, default=d.momentum)
-    train.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    train.add_argument("--lr", type=_finite, default=d.lr)
+    train.add_argument("--momentum", type=_finite, default=d.momentum)
+    train.add_argument("--weight-decay", type=_finite, default=d.weight_decay)
     train.add_argument("--seed", type=int, default=d.seed)
     flips = train.add_mutually_exclusive_group()
     flips.add_argument("--flip", dest="hflip", action="store_true", default=None, help="random horizontal flips")
@@ -88,24 +133,26 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                        help="training batches per task for --bn-eval per-task")
     train.add_argument("--workers", type=int, default=d.num_workers, help="DataLoader workers decoding images")
     train.add_argument("--device", default=d.device)
-    train.add_argument("--threads", type=int, help="torch CPU threads")
+    train.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     run = p.add_argument_group("output")
     run.add_argument("--out", type=Path, help="folder for checkpoints and results (none: nothing written)")
     run.add_argument("--resume", action="store_true", help="continue from the checkpoint(s) in --out")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--debug", action="store_true", help="on an error, show the traceback")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="taskrouting", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="taskrouting", description=__doc__.split("\n\n")[0],
+                     epilog=__doc__.split("\n\n")[-1], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sweep,bench}")
     train = sub.add_parser("train", help="train and evaluate one model (Algorithm 1 of the paper)")
     _add_common(train)
-    train.add_argument("--sharing-ratio", type=float, default=0.5, help="σ: fraction of channels per task")
+    train.add_argument("--sharing-ratio", type=_ratio, default=0.5, help="σ: fraction of channels per task")
     train.add_argument("--tasks", type=_task_selection, help="first K tasks, or comma-separated task names")
     train.add_argument("--max-rows", type=int, default=50, help="task rows to print (all are in per_task.csv)")
     sweep = sub.add_parser("sweep", help="train and evaluate for several σ (and task counts)")
     _add_common(sweep)
-    sweep.add_argument("--sharing-ratios", type=_float_list, default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    sweep.add_argument("--sharing-ratios", type=_ratio_list, default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     sweep.add_argument("--tasks", type=_int_list, help="task counts to sweep (the first K tasks), e.g. 10,50,100")
     sub.add_parser("bench", help="benchmark the fused op (see: taskrouting bench --help)", add_help=False)
     return parser
@@ -130,21 +177,80 @@ def _model_kwargs(args) -> dict:
     return kwargs
 
 
+_FLAGS = {"num_workers": "--workers", "hflip": "--flip/--no-flip"}  # TrainConfig fields whose flag is not --<field>
+
+
 def _config(args):
-    from .training.config import TrainConfig
+    from .training.config import ConfigError, TrainConfig
 
-    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-                       weight_decay=args.weight_decay, seed=args.seed, hflip=args.hflip, eval_split=args.eval_split,
-                       eval_batch_size=args.eval_batch_size, num_workers=args.workers, device=args.device,
-                       bn_eval=args.bn_eval, bn_batches=args.bn_batches)
+    try:
+        return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay, seed=args.seed, hflip=args.hflip,
+                           eval_split=args.eval_split, eval_batch_size=args.eval_batch_size, num_workers=args.workers,
+                           device=args.device, bn_eval=args.bn_eval, bn_batches=args.bn_batches)
+    except ConfigError as exc:
+        flag = _FLAGS.get(exc.field, "--" + exc.field.replace("_", "-"))
+        raise UsageError(f"taskrouting {args.command}: error: argument {flag}: {exc}") from None
 
 
-def _train(args, dataset) -> int:
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"argument --device: {device!r} is not a device (e.g. cpu, cuda, cuda:1)") from None
+    if kind.type not in ("cpu", "cuda"):
+        raise UsageError(f"argument --device: training runs on cpu or cuda, not {device!r}")
+    if kind.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"argument --device: {device!r}: CUDA is not available on this machine")
+    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise UsageError(f"argument --device: {device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+
+
+def _check_backend(backend: str, device: str) -> None:
+    import torch
+
+    from .ops.backends import BACKENDS
+
+    if backend == "auto":
+        return
+    if backend not in BACKENDS:
+        raise UsageError(f"argument --backend: expected auto or one of {', '.join(BACKENDS)}, got {backend!r}")
+    chosen = BACKENDS[backend]
+    if not chosen.available(torch.device(device)):
+        raise UsageError(f"argument --backend: {backend!r} cannot run on --device {device}: "
+                         f"{chosen.why_not(torch.device(device))}")
+
+
+def _check_out(out: Path | None) -> None:
+    """A clear error now, rather than after training, when the results cannot be written to ``out``."""
+    if out is None:
+        return
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"argument --out: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"argument --out: cannot write to {str(existing)!r} (permission denied)")
+
+
+def _check_args(args) -> None:
+    for check in (lambda: _check_device(args.device), lambda: _check_backend(args.backend, args.device),
+                  lambda: _check_out(args.out)):
+        try:
+            check()
+        except UsageError as exc:
+            raise UsageError(f"taskrouting {args.command}: error: {exc}") from None
+
+
+def _train(args, dataset, config) -> int:
     from .training import distributed
     from .training.loop import run_experiment
     from .training.metrics import format_table
 
-    config = distributed.setup(_config(args))  # joins torchrun's process group, if launched by torchrun
+    config = distributed.setup(config)  # joins torchrun's process group, if launched by torchrun
     results = run_experiment(dataset, args.model, args.sharing_ratio, config, _model_kwargs(args), args.out,
                              args.resume, not args.no_progress)
     if not distributed.is_main():
@@ -160,10 +266,10 @@ def _train(args, dataset) -> int:
     return 0
 
 
-def _sweep(args, dataset) -> int:
+def _sweep(args, dataset, config) -> int:
     from .training.sweep import format_markdown, sweep
 
-    rows = sweep(dataset, args.sharing_ratios, args.tasks, args.model, _model_kwargs(args), _config(args), args.out,
+    rows = sweep(dataset, args.sharing_ratios, args.tasks, args.model, _model_kwargs(args), config, args.out,
                  args.resume, not args.no_progress)
     print(format_markdown(rows))
     if args.out is not None:
@@ -171,22 +277,54 @@ def _sweep(args, dataset) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    """Entry point of the ``taskrouting`` command; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":
-        return _bench(argv[1:])
-    args = build_parser().parse_args(argv)
+def _message(exc: BaseException) -> str:
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(str(text).split())  # one line
+
+
+def _run(args) -> int:
     import torch
 
     from .data import load_dataset
 
+    _check_args(args)
+    config = _config(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    tasks = args.tasks if args.command == "train" else None
     try:
-        tasks = args.tasks if args.command == "train" else None
         dataset = load_dataset(args.data, args.root, tasks=tasks, **dict(args.data_arg))
-        return (_train if args.command == "train" else _sweep)(args, dataset)
-    except (FileNotFoundError, ImportError, ValueError, KeyError, TypeError) as exc:
-        print(f"taskrouting {args.command}: error: {exc}", file=sys.stderr)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if args.debug:
+            raise
+        raise UsageError(f"taskrouting {args.command}: error: --data {args.data}: {_message(exc)}") from None
+    return (_train if args.command == "train" else _sweep)(args, dataset, config)
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``taskrouting`` command; returns the exit status (see the module docstring)."""
+    from .training.loop import TrainingDiverged
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return _bench(argv[1:])
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(_message(exc), file=sys.stderr)
+        return 2
+    try:
+        return _run(args)
+    except UsageError as exc:
+        print(_message(exc), file=sys.stderr)
+        return 2
+    except TrainingDiverged as exc:
+        if args.debug:
+            raise
+        print(f"taskrouting {args.command}: run failed: {_message(exc)}", file=sys.stderr)
         return 1
+    except (OSError, ImportError, ValueError, KeyError, TypeError) as exc:
+        if args.debug:
+            raise
+        print(f"taskrouting {args.command}: error: {_message(exc)}", file=sys.stderr)
+        return 2

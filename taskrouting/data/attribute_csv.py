@@ -12,7 +12,7 @@ import csv
 
 import torch
 
-from .base import DatasetFormatError, MultiTaskDataset, require_file, require_root
+from .base import DatasetFormatError, MultiTaskDataset, first_seen, require_file, require_root, unique_names
 from .images import ImageFiles
 
 __all__ = ["load_attribute_csv", "SPLITS"]
@@ -30,8 +30,8 @@ def load_attribute_csv(root=None, labels_file: str = "labels.csv", image_size=64
         rows = list(csv.reader(f))
     if not rows or [h.strip() for h in rows[0][:2]] != ["image", "split"] or len(rows[0]) < 3:
         raise DatasetFormatError(path, "expected the header 'image,split,<task 1>,...' (at least one task)", 1)
-    tasks = [h.strip() for h in rows[0][2:]]
-    files, split_ids, labels = [], [], []
+    tasks = unique_names([h.strip() for h in rows[0][2:]], path, 1, "task column")
+    files, split_ids, labels, seen = [], [], [], {}
     for line, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue
@@ -43,6 +43,7 @@ def load_attribute_csv(root=None, labels_file: str = "labels.csv", image_size=64
         values = [v.strip() for v in row[2:]]
         if any(v not in ("0", "1") for v in values):
             raise DatasetFormatError(path, f"task values must be 0 or 1, got {values}", line)
+        first_seen(seen, row[0].strip(), path, line, "image")
         files.append(root / row[0].strip())
         split_ids.append(SPLITS.index(split))
         labels.append([v == "1" for v in values])

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["MultiTaskDataset", "DatasetFormatError", "one_vs_rest", "require_file", "require_root",
-           "split_indices", "read_rows", "to_int"]
+           "split_indices", "read_rows", "to_int", "first_seen", "unique_names"]
 
 
 class DatasetFormatError(ValueError):
@@ -61,6 +61,23 @@ def to_int(text: str, path: Path, line: int, allowed=None) -> int:
     return value
 
 
+def first_seen(seen: dict, key, path: Path, line: int, what: str) -> None:
+    """Record that ``key`` is on ``line`` of ``path``; a DatasetFormatError when an earlier line had it."""
+    if key in seen:
+        raise DatasetFormatError(path, f"duplicate {what} {key!r} (first on line {seen[key]})", line)
+    seen[key] = line
+
+
+def unique_names(names: Sequence[str], path: Path, line: int, what: str = "task name") -> list[str]:
+    """``names`` (one line's fields) as a list; a DatasetFormatError naming the first repeated one."""
+    seen = {}
+    for column, name in enumerate(names, start=1):
+        if name in seen:
+            raise DatasetFormatError(path, f"duplicate {what} {name!r} (fields {seen[name]} and {column})", line)
+        seen[name] = column
+    return list(names)
+
+
 def one_vs_rest(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Class ids ``[N]`` → uint8 labels ``[N, num_classes]``: task k is "is it class k?"."""
     return torch.nn.functional.one_hot(classes.long(), num_classes).to(torch.uint8)
@@ -101,6 +118,9 @@ class MultiTaskDataset(torch.utils.data.Dataset):
             raise ValueError(f"{name}: labels must be [N, {len(task_names)}], got {tuple(labels.shape)}")
         if labels.numel() and not bool(((labels == 0) | (labels == 1)).all()):
             raise ValueError(f"{name}: labels must be 0 or 1")
+        repeated = sorted({t for t in task_names if list(task_names).count(t) > 1})
+        if repeated:
+            raise ValueError(f"{name}: duplicate task name {repeated[0]!r}; task names must be unique")
         self.images = images
         self.labels = labels.to(torch.uint8)
         self.task_names = list(task_names)

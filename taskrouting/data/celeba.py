@@ -11,7 +11,17 @@ from __future__ import annotations
 
 import torch
 
-from .base import DatasetFormatError, MultiTaskDataset, read_rows, require_file, require_root, split_indices, to_int
+from .base import (
+    DatasetFormatError,
+    MultiTaskDataset,
+    first_seen,
+    read_rows,
+    require_file,
+    require_root,
+    split_indices,
+    to_int,
+    unique_names,
+)
 from .images import ImageFiles
 
 __all__ = ["load_celeba"]
@@ -27,8 +37,10 @@ def _read_attributes(path):
     except StopIteration:
         raise DatasetFormatError(path, "expected an image count line and an attribute-name line") from None
     count = to_int(count, path, 1)
-    files, values = [], []
+    names = unique_names(names, path, 2, "attribute name")
+    files, values, seen = [], [], {}
     for line, fields in read_rows(path, len(names) + 1, f"an image name and {len(names)} values", skip=2):
+        first_seen(seen, fields[0], path, line, "image")
         files.append(fields[0])
         values.append([to_int(v, path, line, {-1, 0, 1}) > 0 for v in fields[1:len(names) + 1]])
     if len(files) != count:
@@ -46,8 +58,9 @@ def load_celeba(root=None, image_size=64, square_crop: bool = True, mean_samples
     attr_path = require_file(root / "list_attr_celeba.txt", NAME, "the attribute annotations")
     part_path = require_file(root / "list_eval_partition.txt", NAME, "the official partition")
     files, names, labels = _read_attributes(attr_path)
-    partition = {}
+    partition, seen = {}, {}
     for line, (image, part, *_) in read_rows(part_path, 2, "an image name and a partition (0, 1, 2)"):
+        first_seen(seen, image, part_path, line, "image")
         partition[image] = to_int(part, part_path, line, {0, 1, 2})
     missing = [f for f in files if f not in partition]
     if missing:

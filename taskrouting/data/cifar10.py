@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import DatasetFormatError, MultiTaskDataset, one_vs_rest, require_file, require_root
+from .base import DatasetFormatError, MultiTaskDataset, one_vs_rest, require_file, require_root, unique_names
 
 __all__ = ["load_cifar10"]
 
@@ -49,7 +49,11 @@ def _read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     batch = _unpickle(path)
     if "data" not in batch or "labels" not in batch:
         raise DatasetFormatError(path, "expected the keys b'data' and b'labels'")
-    data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"], dtype=np.int64)
+    data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"])
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        raise DatasetFormatError(path, f"b'labels' must be integers 0..9, got {labels.dtype} values such as "
+                                       f"{labels.flat[0]!r}")
+    labels = labels.astype(np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != data.shape[0]:
         raise DatasetFormatError(path, f"b'data' must be uint8 [N, 3072] with N labels, got {data.dtype} "
                                        f"{data.shape} and {len(labels)} labels")
@@ -73,5 +77,6 @@ def load_cifar10(root=None) -> MultiTaskDataset:
         meta = _unpickle(root / "batches.meta").get("label_names")
         if meta is not None and len(meta) == len(CLASSES):
             task_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta]
+            unique_names(task_names, root / "batches.meta", None, "label name")
     splits = {"train": torch.arange(num_train), "test": torch.arange(num_train, classes.numel())}
     return MultiTaskDataset(images, one_vs_rest(classes, len(CLASSES)), task_names, splits, name=NAME, hflip=True)

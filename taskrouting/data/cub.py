@@ -12,9 +12,10 @@ Attribute names come from ``attributes.txt`` ("<id> <name>") when found in ``roo
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from .base import DatasetFormatError, MultiTaskDataset, read_rows, require_file, require_root, to_int
+from .base import DatasetFormatError, MultiTaskDataset, first_seen, read_rows, require_file, require_root, to_int
 from .images import ImageFiles
 
 __all__ = ["load_cub"]
@@ -23,10 +24,15 @@ NAME = "cub"
 NUM_ATTRIBUTES = 312
 
 
-def _id_table(path, what: str, allowed=None) -> dict[int, str]:
-    table = {}
+def _id_table(path, what: str, allowed=None, unique_values: str | None = None) -> dict[int, str]:
+    """``{id: value}`` of a "<id> <value>" file; ids must not repeat, nor values when ``unique_values``
+    names what they are."""
+    table, lines, values = {}, {}, {}
     for line, fields in read_rows(path, 2, what):
         key = to_int(fields[0], path, line)
+        first_seen(lines, key, path, line, "id")
+        if unique_values:
+            first_seen(values, fields[1], path, line, unique_values)
         table[key] = fields[1] if allowed is None else to_int(fields[1], path, line, allowed)
     return table
 
@@ -34,7 +40,7 @@ def _id_table(path, what: str, allowed=None) -> dict[int, str]:
 def _attribute_names(root) -> list[str]:
     for path in (root / "attributes" / "attributes.txt", root / "attributes.txt", root.parent / "attributes.txt"):
         if path.is_file():
-            names = _id_table(path, "an attribute id and name")
+            names = _id_table(path, "an attribute id and name", unique_values="attribute name")
             if sorted(names) == list(range(1, NUM_ATTRIBUTES + 1)):
                 return [names[k] for k in range(1, NUM_ATTRIBUTES + 1)]
     return [f"attr_{k}" for k in range(1, NUM_ATTRIBUTES + 1)]
@@ -50,7 +56,7 @@ def load_cub(root=None, image_size=64, mean_samples: int = 1000) -> MultiTaskDat
     images_path = require_file(root / "images.txt", NAME, "the image list")
     split_path = require_file(root / "train_test_split.txt", NAME, "the train/test split")
     labels_path = require_file(root / "attributes" / "image_attribute_labels.txt", NAME, "the attribute labels")
-    image_paths = _id_table(images_path, "an image id and a path")
+    image_paths = _id_table(images_path, "an image id and a path", unique_values="image path")
     is_train = _id_table(split_path, "an image id and 1 (train) or 0 (test)", {0, 1})
     ids = sorted(image_paths)
     missing = [i for i in ids if i not in is_train]
@@ -58,6 +64,7 @@ def load_cub(root=None, image_size=64, mean_samples: int = 1000) -> MultiTaskDat
         raise DatasetFormatError(split_path, f"{len(missing)} image ids of images.txt have no split, e.g. {missing[0]}")
     row = {image_id: k for k, image_id in enumerate(ids)}
     labels = torch.zeros(len(ids), NUM_ATTRIBUTES, dtype=torch.uint8)
+    labelled = np.zeros((len(ids), NUM_ATTRIBUTES), dtype=np.int64)  # line of each pair, 0: not yet
     # Some lines of the released file carry extra fields; only the first three are used.
     for line, fields in read_rows(labels_path, 3, "an image id, an attribute id and is_present"):
         image_id, attribute = to_int(fields[0], labels_path, line), to_int(fields[1], labels_path, line)
@@ -65,6 +72,11 @@ def load_cub(root=None, image_size=64, mean_samples: int = 1000) -> MultiTaskDat
             raise DatasetFormatError(labels_path, f"image id {image_id} is not in images.txt", line)
         if not 1 <= attribute <= NUM_ATTRIBUTES:
             raise DatasetFormatError(labels_path, f"attribute id {attribute} is not in 1..{NUM_ATTRIBUTES}", line)
+        first = labelled[row[image_id], attribute - 1]
+        if first:
+            raise DatasetFormatError(labels_path, f"duplicate pair of image id {image_id} and attribute id "
+                                                  f"{attribute} (first on line {first})", line)
+        labelled[row[image_id], attribute - 1] = line
         labels[row[image_id], attribute - 1] = to_int(fields[2], labels_path, line, {0, 1})
     train = torch.tensor([is_train[i] == 1 for i in ids], dtype=torch.bool)
     splits = {"train": torch.nonzero(train).flatten(), "test": torch.nonzero(~train).flatten()}

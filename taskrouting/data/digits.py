@@ -19,6 +19,9 @@ def load_digits(root=None, image_size: int = 32, test_every: int = 5) -> MultiTa
     """
     if root is not None:
         raise ValueError("digits ships with scikit-learn: root must be None")
+    for value, name, least in ((image_size, "image_size", 1), (test_every, "test_every", 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     bunch = require("sklearn.datasets", "train", "the digits data set").load_digits()
     images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16
     if image_size != 8:

@@ -45,8 +45,9 @@ def make_synthetic(root=None, num_tasks: int = 300, num_factors: int = 16, relat
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not 0.0 <= relatedness <= 1.0:
         raise ValueError(f"relatedness must be in [0, 1], got {relatedness}")
-    if label_noise < 0 or pixel_noise < 0:
-        raise ValueError("label_noise and pixel_noise must be >= 0")
+    for value, name in ((label_noise, "label_noise"), (pixel_noise, "pixel_noise")):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if not (0 <= test_fraction and 0 <= val_fraction and test_fraction + val_fraction < 1):
         raise ValueError("test_fraction and val_fraction must be >= 0 and sum to less than 1")
     g = torch.Generator().manual_seed(seed)

@@ -2,17 +2,30 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["TrainConfig", "ModelBuildError", "MODELS", "BN_EVAL", "build_model", "seed_everything"]
+__all__ = ["TrainConfig", "ConfigError", "ModelBuildError", "MODELS", "BN_EVAL", "SEED_LIMIT", "build_model",
+           "seed_everything"]
 
 BN_EVAL = ("per-task", "running")
 
 MODELS = {"vgg11": "vgg11_bn", "vgg16": "vgg16_bn", "resnet50": "resnet50"}
+
+
+SEED_LIMIT = 2 ** 32  # seeds are 0 <= seed < SEED_LIMIT (NumPy's range; epoch_plan scales them)
+
+
+class ConfigError(ValueError):
+    """A TrainConfig field holds a value it cannot take; ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field} {message}")
+        self.field = field
 
 
 class ModelBuildError(ValueError):
@@ -40,14 +53,20 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.bn_eval not in BN_EVAL:
-            raise ValueError(f"bn_eval must be one of {', '.join(BN_EVAL)}, got {self.bn_eval!r}")
+            raise ConfigError("bn_eval", f"must be one of {', '.join(BN_EVAL)}, got {self.bn_eval!r}")
         for name, least in (("epochs", 0), ("batch_size", 2), ("eval_batch_size", 2), ("num_workers", 0),
                             ("bn_batches", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-        if not (self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0):
-            raise ValueError("need lr > 0, 0 <= momentum < 1 and weight_decay >= 0")
+                raise ConfigError(name, f"must be an int >= {least}, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
+            raise ConfigError("seed", f"must be an int in [0, 2**32), got {self.seed!r}")
+        for name, ok, rule in (("lr", lambda v: v > 0, "> 0"), ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+                               ("weight_decay", lambda v: v >= 0, ">= 0")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not ok(value):
+                raise ConfigError(name, f"must be a finite number {rule}, got {value!r}")
 
 
 def seed_everything(seed: int) -> None:

@@ -9,6 +9,7 @@ batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -20,13 +21,37 @@ from ..data import MultiTaskDataset
 from ..nn import set_active_task
 from . import distributed
 from .batches import batch_loader, epoch_plan, progress_bar
-from .checkpoints import CHECKPOINT, load_checkpoint, rng_state, save_atomic
+from .checkpoints import CHECKPOINT, load_checkpoint, non_finite_parameters, save_checkpoint
 from .config import ModelBuildError, TrainConfig, build_model, seed_everything
 from .evaluation import evaluate
 from .metrics import majority_baseline
 from .results import write_results
 
-__all__ = ["train_epoch", "fit", "run_experiment"]
+__all__ = ["TrainingDiverged", "train_epoch", "fit", "run_experiment"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or infinite: the run stops, and nothing of it is saved."""
+
+
+def _check_loss(loss: float, epoch: int, batch: int, task: int, config: TrainConfig) -> None:
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"training diverged: loss {loss} at epoch {epoch + 1}, batch {batch + 1} (task "
+                               f"{task}); try a smaller learning rate than lr={config.lr:g}")
+
+
+def _check_weights(model: nn.Module, epoch: int, config: TrainConfig) -> None:
+    bad = non_finite_parameters(model)
+    if bad:
+        raise TrainingDiverged(f"training diverged: non-finite weights after epoch {epoch + 1} (in {bad[0]}); "
+                               f"try a smaller learning rate than lr={config.lr:g}")
+
+
+def _split(dataset: MultiTaskDataset, name: str, least: int) -> MultiTaskDataset:
+    data = dataset.split(name)
+    if len(data) < least:
+        raise ValueError(f"{dataset.name}: the {name} split has {len(data)} samples; a run needs at least {least}")
+    return data
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: MultiTaskDataset, epoch: int,
@@ -47,10 +72,12 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: MultiT
             set_active_task(model, task)
             logits = model(x)
             loss = F.binary_cross_entropy_with_logits(logits, target) if part is None else part.loss(logits, target, k)
+            value = float(loss.detach())
+            _check_loss(value, epoch, k, task, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += float(loss.detach()) * (x.shape[0] if part is None else part.loss_weight(k))
+            total_loss += value * (x.shape[0] if part is None else part.loss_weight(k))
             samples += x.shape[0]
             rate = samples / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(loss=f"{total_loss / samples:.4f}", img_s=f"{rate:.0f}")
@@ -62,13 +89,19 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: MultiT
             "samples_per_s": samples / max(seconds, 1e-9)}
 
 
+def _run_settings(dataset: MultiTaskDataset, config: TrainConfig, info: dict | None) -> dict:
+    """What a checkpoint must match to be resumed by this run: the data's tasks, the seed (masks, batches)
+    and how the model was built."""
+    return {"dataset": dataset.name, "task_names": list(dataset.task_names), "seed": config.seed, **(info or {})}
+
+
 def fit(model: nn.Module, dataset: MultiTaskDataset, config: TrainConfig, out=None, resume: bool = False,
         progress: bool = True, log=print, info: dict | None = None) -> dict:
     """Train on ``dataset``'s train split, evaluate on ``config.eval_split``; with ``out``, checkpoint
     after every epoch (``resume`` continues from it) and write the results there. Returns them
     (``info``: extra entries for the results, e.g. how the model was built)."""
     out = Path(out) if out is not None else None
-    train_data, eval_data = dataset.split("train"), dataset.split(config.eval_split)
+    train_data, eval_data = _split(dataset, "train", 2), _split(dataset, config.eval_split, 1)
     model.to(config.device)
     trained = distributed.prepare_model(model, config)  # DDP with synced BatchNorm under torchrun, else model
     if not distributed.is_main():
@@ -76,19 +109,20 @@ def fit(model: nn.Module, dataset: MultiTaskDataset, config: TrainConfig, out=No
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     start_epoch, history = 0, []
+    run = _run_settings(dataset, config, info)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if resume and (out / CHECKPOINT).is_file():
-            start_epoch, history = load_checkpoint(out / CHECKPOINT, model, optimizer, config, log)
+            start_epoch, history = load_checkpoint(out / CHECKPOINT, model, optimizer, config, log, run)
             log(f"resumed from {out / CHECKPOINT} after epoch {start_epoch}")
     for epoch in range(start_epoch, config.epochs):
         history.append(train_epoch(trained, optimizer, train_data, epoch, config, progress))
         h = history[-1]
         log(f"epoch {h['epoch']}/{config.epochs}: loss {h['loss']:.4f}, {h['samples_per_s']:.0f} samples/s, "
             f"{h['seconds']:.1f} s")
+        _check_weights(model, epoch, config)
         if out is not None and distributed.is_main():
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                   "history": history, "rng": rng_state(), "config": dataclasses.asdict(config)}, out / CHECKPOINT)
+            save_checkpoint(out / CHECKPOINT, model, optimizer, epoch + 1, history, config, run)
     start = time.perf_counter()
     with distributed.local_statistics(model):
         metrics = evaluate(model, eval_data, config, progress, train_data)
