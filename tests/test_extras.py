@@ -8,7 +8,8 @@ import pytest
 
 from taskrouting.extras import MissingExtraError, require
 
-BLOCK_EXTRAS = "import sys\nfor name in ('sklearn', 'tqdm', 'matplotlib', 'PIL', 'triton'):\n    sys.modules[name] = None\n"
+BLOCK_EXTRAS = ("import sys\nfor name in ('sklearn', 'tqdm', 'matplotlib', 'PIL', 'triton'):\n"
+                "    sys.modules[name] = None\n")
 
 
 def run_without_extras(code: str) -> subprocess.CompletedProcess:
