@@ -227,7 +227,7 @@ def test_matches_reference_split(split, shape, channels_last, dtype, per_sample,
                                   "half-params", "empty-batch", "zero-variance"])
 def test_split_edge_cases(split, what):
     if what == "sharing-0":
-        _compare((3, 6, 3, 2), per_sample=True, sharing_ratio=0.0)
+        _compare((3, 6, 3, 2), per_sample=True, sharing_ratio=0.0, num_tasks=3)
     elif what == "sharing-1":
         _compare((3, 6, 3, 2), channels_last=True, stats="routed", sharing_ratio=1.0)
     elif what == "one-channel":
