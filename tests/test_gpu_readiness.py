@@ -15,8 +15,10 @@ import os
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from taskrouting import ops
+from taskrouting.nn import BNReLURoute2d, TaskRouter, set_active_task
 from taskrouting.nn.masks import make_masks
 from taskrouting.ops.backends import TRITON_INSTALLED, family_op
 from taskrouting.ops.route import select_route
@@ -249,3 +251,121 @@ def test_plane_past_2_31_elements(backend, monkeypatch):
     tr = torch.ops.taskrouting
     check_large_tensor(x, getattr(tr, prefix + "bn_relu_route"), getattr(tr, prefix + "bn_relu_route_backward"),
                        False)
+
+
+# ----------------------------------------------------------------------------- host reads of the task
+class _HostReads(TorchDispatchMode):
+    """Counts the reads of tensor values on the host: ``aten._local_scalar_dense`` (``item``,
+    ``int()``) through the dispatcher, ``Tensor.tolist`` (which bypasses it) by a patch."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.count = 0
+        tolist = torch.Tensor.tolist
+
+        def counted(t):
+            self.count += 1
+            return tolist(t)
+        monkeypatch.setattr(torch.Tensor, "tolist", counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _routed_model(backend, device, tasks=3, C=4):
+    return torch.nn.Sequential(
+        BNReLURoute2d(C, num_tasks=tasks, seed=0, backend=backend),
+        TaskRouter(C, num_tasks=tasks, seed=1),
+        BNReLURoute2d(C, num_tasks=tasks, seed=2, backend=backend),
+    ).to(device)
+
+
+def test_routed_layers_read_no_task_ids(target, monkeypatch):
+    """A per-sample task set with set_active_task is read once there; the routed layers' forward
+    and backward read nothing from the device (before: one ``.tolist()`` sync per layer)."""
+    backend, device = target
+    model = _routed_model(backend, device)
+    x = torch.randn(3, 4, 5, 5, device=device, requires_grad=True)
+    set_active_task(model, torch.tensor([0, 2, 1], device=device))
+    with _HostReads(monkeypatch) as reads:
+        model(x).sum().backward()
+    assert reads.count == 0
+
+
+def test_task_tensor_passed_to_layers_read_once(target, monkeypatch):
+    backend, device = target
+    model = _routed_model(backend, device)
+    x = torch.randn(3, 4, 5, 5, device=device)
+    task = torch.tensor([1, 1, 0], device=device)
+    with _HostReads(monkeypatch) as reads:
+        for layer in model:
+            x = layer(x, task=task)
+    assert reads.count == 1
+
+
+def test_out_of_range_task_ids_still_raise(target):
+    backend, device = target
+    model = _routed_model(backend, device)
+    x = torch.randn(3, 4, 5, 5, device=device)
+    with pytest.raises(IndexError, match=r"task ids must be in \[0, 3\), got values in \[0, 3\]"):
+        model[0](x, task=torch.tensor([0, 3, 1], device=device))
+    set_active_task(model, torch.tensor([0, -1, 1], device=device))
+    with pytest.raises(IndexError, match=r"task ids must be in \[0, 3\)"):
+        model(x)
+    set_active_task(model, torch.tensor(3, device=device))
+    with pytest.raises(IndexError, match="task 3 is out of range for 3 tasks"):
+        model(x)
+
+
+def test_task_changed_in_place_is_checked_again(target):
+    """The bounds read at set_active_task belong to that version of the tensor: an in-place
+    change is read and checked again."""
+    backend, device = target
+    model = _routed_model(backend, device)
+    x = torch.randn(3, 4, 5, 5, device=device)
+    task = torch.tensor([0, 1, 2], device=device)
+    set_active_task(model, task)
+    model(x)
+    task[1] = 7
+    with pytest.raises(IndexError, match=r"got values in \[0, 7\]"):
+        model(x)
+    task.fill_(1)
+    torch.testing.assert_close(model(x), _with_task(model, x, 1))
+
+
+def _with_task(model, x, task):
+    out = x
+    for layer in model:
+        out = layer(out, task=task)
+    return out
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_of_routed_layers(target):
+    """With the task set beforehand, a forward of routed layers is capturable in a CUDA graph,
+    and replays follow new ids copied into the captured task tensor."""
+    backend, device = target
+    if device != "cuda":
+        pytest.skip("CUDA-graph capture needs a CUDA GPU")
+    model = _routed_model(backend, device).eval()
+    static_x = torch.randn(3, 4, 5, 5, device=device)
+    static_task = torch.tensor([0, 1, 2], device=device)
+    set_active_task(model, static_task)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(2):  # warm-up outside the capture (Triton compiles, cuDNN picks)
+            model(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_y = model(static_x)
+    for ids in ([2, 2, 0], [1, 0, 1]):
+        static_x.copy_(torch.randn_like(static_x))
+        static_task.copy_(torch.tensor(ids, device=device))
+        graph.replay()
+        with torch.no_grad():
+            want = _with_task(model, static_x, torch.tensor(ids, device=device))
+        torch.testing.assert_close(static_y, want)

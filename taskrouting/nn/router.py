@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..ops.reference import route_select
-from ..ops.route import select_route
+from ..ops.route import select_route, task_id_bounds
 from .masks import build_masks, check_sharing_ratio
 from .state import CheckedStateLoad
 
@@ -32,6 +32,8 @@ def check_task(task):
                                                or task.dtype == torch.bool):
         if task.dim() > 1:
             raise ValueError(f"task tensor must be 0-d or [N], got shape {tuple(task.shape)}")
+        if task.numel() and not torch.compiler.is_compiling():
+            task_id_bounds(task)  # read once here, so that no routed layer syncs with the device
         return task
     raise TypeError(f"task must be an int, an integer LongTensor [N] or None, got {task!r}")
 

@@ -4,8 +4,32 @@ from __future__ import annotations
 import numbers
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["check_task_ids", "select_route"]
+__all__ = ["check_task_ids", "select_route", "task_id_bounds"]
+
+# task tensor -> (version, min id, max id): every routed layer of a model checks the same task tensor,
+# and reading its bounds from a GPU is a host sync (and impossible during CUDA-graph capture)
+_BOUNDS = WeakIdKeyDictionary()
+
+
+def task_id_bounds(task: torch.Tensor) -> tuple[int, int]:
+    """``(min, max)`` of an integer task tensor, read from its device once per tensor version
+    (``set_active_task`` reads it when the task is set, so the layers' checks read nothing)."""
+    try:
+        version = task._version
+    except RuntimeError:  # an inference tensor keeps no version counter: nothing can be cached
+        version = None
+    cached = _BOUNDS.get(task) if version is not None else None
+    if cached is not None and cached[0] == version:
+        return cached[1], cached[2]
+    if task.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("task ids cannot be read from the GPU during CUDA-graph capture: set the task "
+                           "before capturing (set_active_task(model, task) reads and checks it once)")
+    lo, hi = torch.stack(torch.aminmax(task.reshape(-1))).tolist()  # one device sync for both bounds
+    if version is not None:
+        _BOUNDS[task] = (version, lo, hi)
+    return lo, hi
 
 
 def check_task_ids(task, num_tasks: int, batch_size: int, device: torch.device | None = None):
@@ -14,8 +38,8 @@ def check_task_ids(task, num_tasks: int, batch_size: int, device: torch.device |
     if task is None:
         raise ValueError("task is not set: call set_active_task(model, task) or pass task=")
     if isinstance(task, torch.Tensor) and task.dim() == 0 and not task.is_floating_point() \
-            and task.dtype != torch.bool and not torch.compiler.is_compiling():
-        task = int(task)
+            and task.dtype != torch.bool and not task.is_complex() and not torch.compiler.is_compiling():
+        task = task_id_bounds(task)[0]
     if isinstance(task, bool) or isinstance(task, float):
         raise TypeError(f"task must be an int or an integer LongTensor, got {type(task).__name__}")
     if isinstance(task, numbers.Integral):
@@ -34,7 +58,7 @@ def check_task_ids(task, num_tasks: int, batch_size: int, device: torch.device |
     if device is not None and task.device != device:
         raise ValueError(f"task is on {task.device} but the input is on {device}")
     if task.numel() and not torch.compiler.is_compiling():
-        lo, hi = torch.stack(torch.aminmax(task)).tolist()  # one device sync for both bounds
+        lo, hi = task_id_bounds(task)
         if lo < 0 or hi >= num_tasks:
             raise IndexError(f"task ids must be in [0, {num_tasks}), got values in [{lo}, {hi}]")
     return task.long()
