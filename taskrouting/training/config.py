@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batches import TASK_SAMPLING
+
 __all__ = ["TrainConfig", "ModelBuildError", "MODELS", "BN_EVAL", "build_model", "seed_everything"]
 
 BN_EVAL = ("per-task", "running")
@@ -37,15 +39,22 @@ class TrainConfig:
     zero_division: float = 0.0
     bn_eval: str = "per-task"  # or "running"; see the module docstring
     bn_batches: int = 8  # training batches (of eval_batch_size) per task for bn_eval="per-task"
+    task_sampling: str = "uniform"  # or "round-robin" (taskrouting.training.batches.epoch_plan)
+    val_fraction: float = 0.0  # > 0: hold out this much of train, keep the best epoch (training.selection)
+    eval_every: int = 1  # with val_fraction: evaluate on the held-out part every this many epochs
 
     def __post_init__(self):
         if self.bn_eval not in BN_EVAL:
             raise ValueError(f"bn_eval must be one of {', '.join(BN_EVAL)}, got {self.bn_eval!r}")
         for name, least in (("epochs", 0), ("batch_size", 2), ("eval_batch_size", 2), ("num_workers", 0),
-                            ("bn_batches", 1)):
+                            ("bn_batches", 1), ("eval_every", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        if self.task_sampling not in TASK_SAMPLING:
+            raise ValueError(f"task_sampling must be one of {', '.join(TASK_SAMPLING)}, got {self.task_sampling!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if not (self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0):
             raise ValueError("need lr > 0, 0 <= momentum < 1 and weight_decay >= 0")
 

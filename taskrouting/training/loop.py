@@ -18,12 +18,13 @@ from torch import nn
 
 from ..data import MultiTaskDataset
 from ..nn import set_active_task
-from .batches import batch_loader, epoch_plan, progress_bar
+from .batches import batch_loader, epoch_plan, labelled, progress_bar
 from .checkpoints import CHECKPOINT, load_checkpoint, rng_state, save_atomic
 from .config import ModelBuildError, TrainConfig, build_model, seed_everything
 from .evaluation import evaluate
 from .metrics import majority_baseline
 from .results import write_results
+from .selection import SELECT_SPLIT, BestEpoch, with_holdout
 
 __all__ = ["train_epoch", "fit", "run_experiment"]
 
@@ -32,14 +33,19 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: MultiT
                 config: TrainConfig, progress: bool = True) -> dict:
     """One epoch of Algorithm 1 over ``data``; returns mean loss, samples, seconds, samples/s."""
     model.train()
-    batches, tasks, flips = epoch_plan(len(data), data.num_tasks, config.batch_size, config.seed, epoch)
+    batches, tasks, flips = epoch_plan(len(data), data.num_tasks, config.batch_size, config.seed, epoch,
+                                       config.task_sampling)
     hflip = data.hflip if config.hflip is None else config.hflip
     total_loss, samples, start = 0.0, 0, time.perf_counter()
     with progress_bar(len(batches), f"epoch {epoch + 1}/{config.epochs}", progress) as bar:
         for (x, y), task, flip in zip(batch_loader(data, batches, config.num_workers), tasks, flips):
             if hflip:
                 x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-            x, target = x.to(config.device), y[:, task].to(config.device)
+            x, target = labelled(x, y[:, task])
+            if target.numel() < 2:  # missing labels left fewer than BatchNorm needs: skip the step
+                bar.update()
+                continue
+            x, target = x.to(config.device), target.to(config.device)
             set_active_task(model, task)
             loss = F.binary_cross_entropy_with_logits(model(x), target)
             optimizer.zero_grad(set_to_none=True)
@@ -61,7 +67,10 @@ def fit(model: nn.Module, dataset: MultiTaskDataset, config: TrainConfig, out=No
     after every epoch (``resume`` continues from it) and write the results there. Returns them
     (``info``: extra entries for the results, e.g. how the model was built)."""
     out = Path(out) if out is not None else None
+    if config.val_fraction:
+        dataset = with_holdout(dataset, config.val_fraction, config.seed)
     train_data, eval_data = dataset.split("train"), dataset.split(config.eval_split)
+    selection = BestEpoch(dataset.split(SELECT_SPLIT), train_data, config) if config.val_fraction else None
     model.to(config.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
@@ -71,18 +80,25 @@ def fit(model: nn.Module, dataset: MultiTaskDataset, config: TrainConfig, out=No
         if resume and (out / CHECKPOINT).is_file():
             start_epoch, history = load_checkpoint(out / CHECKPOINT, model, optimizer, config, log)
             log(f"resumed from {out / CHECKPOINT} after epoch {start_epoch}")
+            if selection is not None:
+                selection.load(out / CHECKPOINT)
     for epoch in range(start_epoch, config.epochs):
         history.append(train_epoch(model, optimizer, train_data, epoch, config, progress))
         h = history[-1]
+        if selection is not None:
+            selection.observe(model, epoch + 1, h)
         log(f"epoch {h['epoch']}/{config.epochs}: loss {h['loss']:.4f}, {h['samples_per_s']:.0f} samples/s, "
             f"{h['seconds']:.1f} s")
         if out is not None:
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                   "history": history, "rng": rng_state(), "config": dataclasses.asdict(config)}, out / CHECKPOINT)
+                   "history": history, "rng": rng_state(), "config": dataclasses.asdict(config),
+                   "selection": selection.state_dict() if selection is not None else None}, out / CHECKPOINT)
+    if selection is not None:
+        selection.restore_best(model)
     start = time.perf_counter()
     metrics = evaluate(model, eval_data, config, progress, train_data)
     eval_seconds = time.perf_counter() - start
-    baseline = majority_baseline(train_data.labels, eval_data.labels, eval_data.task_names, config.zero_division)
+    baseline = majority_baseline(train_data.targets, eval_data.targets, eval_data.task_names, config.zero_division)
     results = {
         "dataset": dataset.name, "num_tasks": dataset.num_tasks, "eval_split": config.eval_split,
         "train_samples": len(train_data), "eval_samples": len(eval_data),
@@ -90,6 +106,7 @@ def fit(model: nn.Module, dataset: MultiTaskDataset, config: TrainConfig, out=No
         "config": dataclasses.asdict(config), "history": history,
         "train_seconds": sum(h["seconds"] for h in history), "eval_seconds": eval_seconds,
         "means": metrics.means(), "majority_baseline": baseline.means(),
+        "selection": selection.summary() if selection is not None else None,
         "per_task": [dict(row, majority_accuracy=b["accuracy"]) for row, b in zip(metrics.rows(), baseline.rows())],
     }
     if out is not None:
