@@ -128,7 +128,7 @@ def test_delta_m_against_hand_computed_values():
     single = {"a": {"f1": 0.5}, "b": {"f1": 0.8}, "c": {"f1": 0.0}}
     multi = {"a": {"f1": 0.6}, "b": {"f1": 0.6}, "c": {"f1": 0.3}, "d": {"f1": 1.0}}
     value, used = delta_m(multi, single, "f1")
-    assert used == 2 and value == pytest.approx(100 * (0.2 - 0.25) / 2)  # (+20 % and -25 %) / 2; c has no baseline
+    assert used == 2 and value == pytest.approx((0.2 - 0.25) / 2)  # (+20 % and -25 %) / 2; c has no baseline
     assert delta_m({"a": {"f1": 0.5}}, {"a": {"f1": 0.0}}, "f1")[1] == 0
     with pytest.raises(ValueError, match="lack"):
         delta_m({"a": {"f1": 0.5}}, single, "f1")

@@ -3,7 +3,8 @@
 A single-task baseline is the same architecture trained on one task alone (σ = 1: with one task
 there is nothing to route) with the same settings and seed. Δm is the MTL literature's measure
 (e.g. Maninis et al. 2019, Vandenhende et al. 2021): the mean over tasks of the relative change
-of a higher-is-better score, ``Δm = 100 / T * sum_t (M_multi,t - M_single,t) / M_single,t`` in %.
+of a higher-is-better score, ``Δm = 1 / T * sum_t (M_multi,t - M_single,t) / M_single,t`` (a
+fraction, like the scores; tables show it in %).
 A task whose baseline score is 0 has no relative change; it is left out and the count of tasks
 used is reported next to the value.
 """
@@ -63,12 +64,12 @@ def single_task_baselines(dataset: MultiTaskDataset, tasks, model_name: str, mod
 
 
 def delta_m(multi: dict[str, dict], single: dict[str, dict], score: str) -> tuple[float, int]:
-    """``(Δm in %, tasks used)`` of per-task rows ``multi`` against ``single`` (both ``{task: row}``,
-    rows holding ``score``) over the tasks of ``single``; NaN and 0 when no task has a non-zero
+    """``(Δm as a fraction (x 100 for %), tasks used)`` of per-task rows ``multi`` against ``single``
+    (both ``{task: row}``, rows holding ``score``) over the tasks of ``single``; NaN and 0 when no task has a non-zero
     baseline. A task of ``single`` missing from ``multi`` is an error, not a silent skip."""
     missing = sorted(set(single) - set(multi))
     if missing:
         raise ValueError(f"the multi-task results lack the baseline tasks {missing[:5]}")
     changes = [(multi[t][score] - row[score]) / row[score] for t, row in single.items()
                if row[score] is not None and row[score] > 0 and multi[t][score] is not None]
-    return (100 * sum(changes) / len(changes), len(changes)) if changes else (math.nan, 0)
+    return (sum(changes) / len(changes), len(changes)) if changes else (math.nan, 0)
