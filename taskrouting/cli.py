@@ -98,6 +98,7 @@ def _task_selection(text: str):
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     from .data import DATASETS
+    from .training.batches import TASK_SAMPLING
     from .training.config import BN_EVAL, MODELS, TrainConfig
 
     d = TrainConfig()
@@ -131,6 +132,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                             "(default; the running ones mix all tasks) or the model's running ones")
     train.add_argument("--bn-batches", type=int, default=d.bn_batches,
                        help="training batches per task for --bn-eval per-task")
+    train.add_argument("--task-sampling", choices=TASK_SAMPLING, default=d.task_sampling,
+                       help="task of each batch: drawn uniformly (default, the paper) or round-robin over tasks")
+    train.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                       help="hold out this fraction of the train split, evaluate on it and report the test "
+                            "scores of the epoch with the best validation mean F1 (default 0: the last epoch)")
+    train.add_argument("--eval-every", type=int, default=d.eval_every,
+                       help="with --val-fraction: evaluate on the held-out part every this many epochs")
     train.add_argument("--workers", type=int, default=d.num_workers, help="DataLoader workers decoding images")
     train.add_argument("--device", default=d.device)
     train.add_argument("--threads", type=_positive_int, help="torch CPU threads")
@@ -154,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(sweep)
     sweep.add_argument("--sharing-ratios", type=_ratio_list, default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     sweep.add_argument("--tasks", type=_int_list, help="task counts to sweep (the first K tasks), e.g. 10,50,100")
+    sweep.add_argument("--seeds", type=_int_list, help="run every setting for each of these seeds, e.g. 0,1,2; "
+                                                      "the table gives mean ± std (runs in --out merge)")
+    sweep.add_argument("--single-task", type=int, metavar="N",
+                       help="also train single-task baselines for N tasks (a fixed sample) and report Δm")
     sub.add_parser("bench", help="benchmark the fused op (see: taskrouting bench --help)", add_help=False)
     return parser
 
@@ -187,7 +199,9 @@ def _config(args):
         return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                            weight_decay=args.weight_decay, seed=args.seed, hflip=args.hflip,
                            eval_split=args.eval_split, eval_batch_size=args.eval_batch_size, num_workers=args.workers,
-                           device=args.device, bn_eval=args.bn_eval, bn_batches=args.bn_batches)
+                           device=args.device, bn_eval=args.bn_eval, bn_batches=args.bn_batches,
+                           task_sampling=args.task_sampling, val_fraction=args.val_fraction,
+                           eval_every=args.eval_every)
     except ConfigError as exc:
         flag = _FLAGS.get(exc.field, "--" + exc.field.replace("_", "-"))
         raise UsageError(f"taskrouting {args.command}: error: argument {flag}: {exc}") from None
@@ -270,10 +284,11 @@ def _sweep(args, dataset, config) -> int:
     from .training.sweep import format_markdown, sweep
 
     rows = sweep(dataset, args.sharing_ratios, args.tasks, args.model, _model_kwargs(args), config, args.out,
-                 args.resume, not args.no_progress)
+                 args.resume, not args.no_progress, seeds=args.seeds, single_task=args.single_task)
     print(format_markdown(rows))
     if args.out is not None:
-        print(f"results: {args.out / 'sweep.md'}, sweep.csv, sweep.json, sweep.png")
+        print(f"results: {args.out / 'sweep.md'}, sweep.csv, sweep.json, sweep_summary.csv, sweep.png")
+        print(f"the table covers every finished run in {args.out}, this call's and earlier ones'")
     return 0
 
 

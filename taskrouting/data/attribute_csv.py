@@ -4,11 +4,13 @@ Layout under ``root``::
 
     labels.csv    header "image,split,<task 1>,...,<task T>", then one row per image:
                   the image path relative to root, its split (train, val or test), T values 0 or 1
+                  (an empty cell: the label is missing; training and metrics leave it out)
     <the images>  wherever the paths point (JPEG, PNG, ... anything Pillow reads)
 """
 from __future__ import annotations
 
 import csv
+import math
 
 import torch
 
@@ -41,17 +43,17 @@ def load_attribute_csv(root=None, labels_file: str = "labels.csv", image_size=64
         if split not in SPLITS:
             raise DatasetFormatError(path, f"split must be one of {', '.join(SPLITS)}, got {split!r}", line)
         values = [v.strip() for v in row[2:]]
-        if any(v not in ("0", "1") for v in values):
-            raise DatasetFormatError(path, f"task values must be 0 or 1, got {values}", line)
+        if any(v not in ("0", "1", "") for v in values):
+            raise DatasetFormatError(path, f"task values must be 0, 1 or empty (missing), got {values}", line)
         first_seen(seen, row[0].strip(), path, line, "image")
         files.append(root / row[0].strip())
         split_ids.append(SPLITS.index(split))
-        labels.append([v == "1" for v in values])
+        labels.append([float(v) if v else math.nan for v in values])
     if not files:
         raise DatasetFormatError(path, "no image rows after the header")
     split_ids = torch.tensor(split_ids)
     splits = {s: torch.nonzero(split_ids == k).flatten() for k, s in enumerate(SPLITS)}
     images = ImageFiles(files, image_size, channels, square_crop).check(name, root)
-    return MultiTaskDataset(images, torch.tensor(labels, dtype=torch.uint8), tasks,
+    return MultiTaskDataset(images, torch.tensor(labels), tasks,
                             {k: v for k, v in splits.items() if v.numel()}, name=name, hflip=hflip,
                             mean_samples=mean_samples)

@@ -1,6 +1,7 @@
 """MultiTaskDataset: images with one binary label per task, task names and the official splits."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -95,7 +96,8 @@ class MultiTaskDataset(torch.utils.data.Dataset):
     Args:
         images: ``[N, C, H, W]`` float tensor (values used as they are), ``uint8`` tensor (read
             as value/255), or an ``ImageFiles`` (decoded from disk on access, as uint8).
-        labels: ``[N, T]`` tensor of 0/1.
+        labels: ``[N, T]`` tensor of 0/1; NaN (in a float tensor) marks a missing label, which
+            ``labels`` then holds as 0 and ``known`` as False (``targets`` gives NaN back).
         task_names: T names.
         splits: ``{"train": indices, "val": ..., "test": ...}``, the official partition.
         name: the dataset's name.
@@ -116,13 +118,15 @@ class MultiTaskDataset(torch.utils.data.Dataset):
             raise ValueError(f"{name}: {len(images)} images but {labels.shape[0]} label rows")
         if labels.dim() != 2 or labels.shape[1] != len(task_names):
             raise ValueError(f"{name}: labels must be [N, {len(task_names)}], got {tuple(labels.shape)}")
-        if labels.numel() and not bool(((labels == 0) | (labels == 1)).all()):
-            raise ValueError(f"{name}: labels must be 0 or 1")
+        missing = labels.isnan() if labels.is_floating_point() else torch.zeros(labels.shape, dtype=torch.bool)
+        if labels.numel() and not bool(((labels == 0) | (labels == 1) | missing).all()):
+            raise ValueError(f"{name}: labels must be 0 or 1 (or NaN for a missing label)")
         repeated = sorted({t for t in task_names if list(task_names).count(t) > 1})
         if repeated:
             raise ValueError(f"{name}: duplicate task name {repeated[0]!r}; task names must be unique")
         self.images = images
-        self.labels = labels.to(torch.uint8)
+        self.labels = labels.nan_to_num(0).to(torch.uint8) if missing.any() else labels.to(torch.uint8)
+        self.known = ~missing if missing.any() else None  # None: every label is known
         self.task_names = list(task_names)
         self.splits = {k: torch.as_tensor(v, dtype=torch.long) for k, v in splits.items()}
         self.name, self.hflip, self.mean_samples = name, hflip, mean_samples
@@ -130,6 +134,15 @@ class MultiTaskDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.labels.shape[0]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """Labels ``[N, T]`` as float32, NaN where a label is missing."""
+        return self._targets(torch.arange(len(self)))
+
+    def _targets(self, indices: torch.Tensor) -> torch.Tensor:
+        labels = self.labels[indices].float()
+        return labels if self.known is None else labels.masked_fill(~self.known[indices], math.nan)
 
     @property
     def num_tasks(self) -> int:
@@ -170,10 +183,10 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         return images.float() / 255 if images.dtype == torch.uint8 else images.float()
 
     def get_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(images [B, C, H, W] minus the mean, labels [B, T] float32)`` for sample ``indices``."""
+        """``(images [B, C, H, W] minus the mean, labels [B, T] float32, NaN if missing)`` for ``indices``."""
         indices = torch.as_tensor(indices, dtype=torch.long)
         x = self._raw(indices) - self.mean.view(1, -1, 1, 1)
-        return x, self.labels[indices].float()
+        return x, self._targets(indices)
 
     def __getitem__(self, index: int):
         x, y = self.get_batch([index])
@@ -183,7 +196,7 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         """The samples ``indices`` (same tasks, same mean), with ``splits`` over the new positions."""
         indices = torch.as_tensor(indices, dtype=torch.long)
         images = self.images[indices] if self.in_memory else self.images.subset(indices)
-        return MultiTaskDataset(images, self.labels[indices], self.task_names,
+        return MultiTaskDataset(images, self._targets(indices), self.task_names,
                                 splits if splits is not None else {"all": torch.arange(indices.numel())},
                                 name=self.name, hflip=self.hflip, mean=self.mean,
                                 mean_samples=self.mean_samples)
@@ -206,7 +219,7 @@ class MultiTaskDataset(torch.utils.data.Dataset):
             columns = [self._task_column(t) for t in tasks]
             if not columns:
                 raise ValueError("tasks must name at least one task")
-        return MultiTaskDataset(self.images, self.labels[:, columns], [self.task_names[c] for c in columns],
+        return MultiTaskDataset(self.images, self.targets[:, columns], [self.task_names[c] for c in columns],
                                 self.splits, name=self.name, hflip=self.hflip, mean=self._mean,
                                 mean_samples=self.mean_samples)
 
@@ -220,8 +233,8 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         raise ValueError(f"task {task!r} is neither a task name nor an index below {self.num_tasks}")
 
     def positive_rate(self) -> torch.Tensor:
-        """Fraction of positives per task ``[T]``."""
-        return self.labels.float().mean(0) if len(self) else torch.zeros(self.num_tasks)
+        """Fraction of positives per task ``[T]`` among the known labels (NaN for a task with none)."""
+        return self.targets.nanmean(0) if len(self) else torch.zeros(self.num_tasks)
 
     def __repr__(self) -> str:
         splits = ", ".join(f"{k}={v.numel()}" for k, v in self.splits.items())

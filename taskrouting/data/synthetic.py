@@ -20,10 +20,28 @@ def _positive_rates(positive_rate, num_tasks: int, generator: torch.Generator) -
     return low + (high - low) * torch.rand(num_tasks, generator=generator, dtype=torch.float64)
 
 
+def _task_directions(num_tasks: int, num_factors: int, relatedness: float, groups: int, between: float,
+                     g: torch.Generator) -> torch.Tensor:
+    """Unit task directions ``[T, num_factors]`` (see ``make_synthetic``)."""
+    if groups == 1:  # the draws of the ungrouped set, kept so that its seeded data stay the same
+        shared = F.normalize(torch.randn(num_factors, generator=g), dim=0)
+        own = F.normalize(torch.randn(num_tasks, num_factors, generator=g), dim=1)
+        return F.normalize(math.sqrt(relatedness) * shared + math.sqrt(1 - relatedness) * own, dim=1)
+    block = torch.arange(num_factors) % groups  # factor k belongs to group k % groups
+    member = (block[None, :] == (torch.arange(num_tasks) % groups)[:, None]).float()  # [T, num_factors]
+    shared = torch.randn(groups, num_factors, generator=g)[torch.arange(num_tasks) % groups] * member
+    own = torch.randn(num_tasks, num_factors, generator=g) * member
+    within = F.normalize(math.sqrt(relatedness) * F.normalize(shared, dim=1)
+                         + math.sqrt(1 - relatedness) * F.normalize(own, dim=1), dim=1)
+    common = F.normalize(torch.randn(num_factors, generator=g), dim=0)
+    return F.normalize(math.sqrt(between) * common + math.sqrt(1 - between) * within, dim=1)
+
+
 def make_synthetic(root=None, num_tasks: int = 300, num_factors: int = 16, relatedness: float = 0.5,
                    num_samples: int = 4000, image_size: int = 16, channels: int = 3,
                    label_noise: float = 0.2, pixel_noise: float = 0.5, positive_rate=0.5,
-                   test_fraction: float = 0.2, val_fraction: float = 0.0, seed: int = 0) -> MultiTaskDataset:
+                   test_fraction: float = 0.2, val_fraction: float = 0.0, seed: int = 0, groups: int = 1,
+                   between_relatedness: float = 0.0) -> MultiTaskDataset:
     """A seeded many-task image set.
 
     Each sample has ``num_factors`` latent factors ``z ~ N(0, I)``; its image is
@@ -36,6 +54,14 @@ def make_synthetic(root=None, num_tasks: int = 300, num_factors: int = 16, relat
     ``r`` in between, plus O(1/sqrt(num_factors)) chance overlap). ``b_t`` sets each task's
     positive rate: ``positive_rate`` (a float, or a ``(low, high)`` range drawn per task).
     Splits: a seeded random ``test_fraction`` is test, ``val_fraction`` val, the rest train.
+
+    Groups of related tasks (``groups`` > 1): the factors are dealt into ``groups`` disjoint
+    blocks and task t belongs to group ``t % groups`` (so the first k tasks span every group);
+    its ``u`` and ``v_t`` live in its group's block, so ``relatedness`` is the relatedness within
+    a group and tasks of different groups share no factor. ``between_relatedness`` (b) then mixes
+    in one direction over all factors shared by every task:
+    ``w_t = normalise(sqrt(b) * s + sqrt(1 - b) * w_t^group)``. With ``groups=1``, b must be 0
+    and the set is the one described above.
     """
     if root is not None:
         raise ValueError("synthetic data is generated: root must be None")
@@ -45,6 +71,10 @@ def make_synthetic(root=None, num_tasks: int = 300, num_factors: int = 16, relat
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not 0.0 <= relatedness <= 1.0:
         raise ValueError(f"relatedness must be in [0, 1], got {relatedness}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= num_factors:
+        raise ValueError(f"groups must be an int in [1, num_factors={num_factors}], got {groups!r}")
+    if not 0.0 <= between_relatedness <= 1.0 or (groups == 1 and between_relatedness):
+        raise ValueError(f"between_relatedness must be in [0, 1] (and 0 when groups=1), got {between_relatedness}")
     for value, name in ((label_noise, "label_noise"), (pixel_noise, "pixel_noise")):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -60,9 +90,7 @@ def make_synthetic(root=None, num_tasks: int = 300, num_factors: int = 16, relat
     factors = torch.randn(num_samples, num_factors, generator=g)
     images = factors @ patterns + pixel_noise * torch.randn(num_samples, pixels, generator=g)
 
-    shared = F.normalize(torch.randn(num_factors, generator=g), dim=0)
-    own = F.normalize(torch.randn(num_tasks, num_factors, generator=g), dim=1)
-    weights = F.normalize(math.sqrt(relatedness) * shared + math.sqrt(1 - relatedness) * own, dim=1)
+    weights = _task_directions(num_tasks, num_factors, relatedness, groups, between_relatedness, g)
     scores = factors @ weights.T + label_noise * torch.randn(num_samples, num_tasks, generator=g)
     rates = _positive_rates(positive_rate, num_tasks, g)
     # w_t.z is N(0, 1) for unit w_t, so the score is N(0, 1 + noise^2): threshold at its quantile.

@@ -5,19 +5,35 @@ import torch
 
 from ..data import MultiTaskDataset
 
-__all__ = ["epoch_plan", "batch_loader", "progress_bar"]
+__all__ = ["epoch_plan", "labelled", "batch_loader", "progress_bar", "TASK_SAMPLING"]
 
 
-def epoch_plan(num_samples: int, num_tasks: int, batch_size: int, seed: int, epoch: int):
+TASK_SAMPLING = ("uniform", "round-robin")
+
+
+def epoch_plan(num_samples: int, num_tasks: int, batch_size: int, seed: int, epoch: int,
+               task_sampling: str = "uniform"):
     """Batches of sample indices, one task per batch and flip flags for epoch ``epoch``: a pure
-    function of its arguments. A final batch of one sample is dropped (BatchNorm needs two)."""
+    function of its arguments. A final batch of one sample is dropped (BatchNorm needs two).
+    Tasks: drawn uniformly per batch (the paper), or ``round-robin``: 0, 1, ..., T-1, 0, ...
+    continued from where the previous epoch stopped."""
+    if task_sampling not in TASK_SAMPLING:
+        raise ValueError(f"task_sampling must be one of {', '.join(TASK_SAMPLING)}, got {task_sampling!r}")
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     batches = list(torch.randperm(num_samples, generator=g).split(batch_size))
     if batches and batches[-1].numel() < 2:
         batches.pop()
-    tasks = torch.randint(num_tasks, (len(batches),), generator=g).tolist()
+    tasks = torch.randint(num_tasks, (len(batches),), generator=g).tolist()  # drawn either way: same flips
+    if task_sampling == "round-robin":
+        tasks = [(epoch * len(batches) + k) % num_tasks for k in range(len(batches))]
     flips = [torch.rand(b.numel(), generator=g) < 0.5 for b in batches]
     return batches, tasks, flips
+
+
+def labelled(x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples of a batch whose label (``target`` [B], NaN = missing) is known."""
+    known = ~target.isnan()
+    return (x, target) if bool(known.all()) else (x[known], target[known])
 
 
 class BatchDataset(torch.utils.data.Dataset):

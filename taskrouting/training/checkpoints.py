@@ -79,13 +79,15 @@ def non_finite_parameters(model: nn.Module) -> list[str]:
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer, epoch: int, history: list, config: TrainConfig,
-                    run: dict) -> None:
-    """The end-of-epoch state of a run; refused (nothing written) when the model holds non-finite values."""
+                    run: dict, selection: dict | None = None) -> None:
+    """The end-of-epoch state of a run (``selection``: the best-epoch choice so far, if any); refused
+    (nothing written) when the model holds non-finite values."""
     bad = non_finite_parameters(model)
     if bad:
         raise ValueError(f"not saving {path}: non-finite values in {', '.join(bad[:5])}")
     save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                 "history": history, "rng": rng_state(), "config": dataclasses.asdict(config), "run": run}, path)
+                 "history": history, "rng": rng_state(), "config": dataclasses.asdict(config), "run": run,
+                 "selection": selection}, path)
 
 
 def read_checkpoint(path: Path) -> dict:

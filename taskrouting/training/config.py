@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batches import TASK_SAMPLING
+
 __all__ = ["TrainConfig", "ConfigError", "ModelBuildError", "MODELS", "BN_EVAL", "SEED_LIMIT", "build_model",
            "seed_everything"]
 
@@ -50,12 +52,15 @@ class TrainConfig:
     zero_division: float = 0.0
     bn_eval: str = "per-task"  # or "running"; see the module docstring
     bn_batches: int = 8  # training batches (of eval_batch_size) per task for bn_eval="per-task"
+    task_sampling: str = "uniform"  # or "round-robin" (taskrouting.training.batches.epoch_plan)
+    val_fraction: float = 0.0  # > 0: hold out this much of train, keep the best epoch (training.selection)
+    eval_every: int = 1  # with val_fraction: evaluate on the held-out part every this many epochs
 
     def __post_init__(self):
         if self.bn_eval not in BN_EVAL:
             raise ConfigError("bn_eval", f"must be one of {', '.join(BN_EVAL)}, got {self.bn_eval!r}")
         for name, least in (("epochs", 0), ("batch_size", 2), ("eval_batch_size", 2), ("num_workers", 0),
-                            ("bn_batches", 1)):
+                            ("bn_batches", 1), ("eval_every", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(name, f"must be an int >= {least}, got {value!r}")
@@ -67,6 +72,11 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or not ok(value):
                 raise ConfigError(name, f"must be a finite number {rule}, got {value!r}")
+        if self.task_sampling not in TASK_SAMPLING:
+            raise ConfigError("task_sampling", f"must be one of {', '.join(TASK_SAMPLING)}, got {self.task_sampling!r}")
+        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) \
+                or not 0 <= self.val_fraction < 1:
+            raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction!r}")
 
 
 def seed_everything(seed: int) -> None:

@@ -111,4 +111,4 @@ def evaluate(model: nn.Module, data: MultiTaskDataset, config: TrainConfig | Non
         raise ValueError('bn_eval="per-task" needs calibration data (the training split)')
     logits = predict(model, data, config.eval_batch_size, config.device, config.num_workers, progress,
                      calibration if config.bn_eval == "per-task" else None, config.bn_batches, config.seed)
-    return binary_metrics(logits, data.labels, data.task_names, config.zero_division)
+    return binary_metrics(logits, data.targets, data.task_names, config.zero_division)

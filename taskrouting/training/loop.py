@@ -20,12 +20,13 @@ from torch import nn
 from ..data import MultiTaskDataset
 from ..nn import set_active_task
 from . import distributed
-from .batches import batch_loader, epoch_plan, progress_bar
+from .batches import batch_loader, epoch_plan, labelled, progress_bar
 from .checkpoints import CHECKPOINT, load_checkpoint, non_finite_parameters, save_checkpoint
 from .config import ModelBuildError, TrainConfig, build_model, seed_everything
 from .evaluation import evaluate
 from .metrics import majority_baseline
 from .results import write_results
+from .selection import SELECT_SPLIT, BestEpoch, with_holdout
 
 __all__ = ["TrainingDiverged", "train_epoch", "fit", "run_experiment"]
 
@@ -58,7 +59,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: MultiT
                 config: TrainConfig, progress: bool = True) -> dict:
     """One epoch of Algorithm 1 over ``data``; returns mean loss, samples, seconds, samples/s."""
     model.train()
-    batches, tasks, flips = epoch_plan(len(data), data.num_tasks, config.batch_size, config.seed, epoch)
+    batches, tasks, flips = epoch_plan(len(data), data.num_tasks, config.batch_size, config.seed, epoch,
+                                       config.task_sampling)
     part = distributed.shard(batches, flips)  # this process's samples of each batch under torchrun, else None
     if part is not None:
         batches, flips = part.batches, part.flips
@@ -68,7 +70,11 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: MultiT
         for k, ((x, y), task, flip) in enumerate(zip(batch_loader(data, batches, config.num_workers), tasks, flips)):
             if hflip:
                 x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-            x, target = x.to(config.device), y[:, task].to(config.device)
+            x, target = labelled(x, y[:, task])
+            if target.numel() < 2:  # missing labels left fewer than BatchNorm needs: skip the step
+                bar.update()
+                continue
+            x, target = x.to(config.device), target.to(config.device)
             set_active_task(model, task)
             logits = model(x)
             loss = F.binary_cross_entropy_with_logits(logits, target) if part is None else part.loss(logits, target, k)
@@ -101,7 +107,10 @@ def fit(model: nn.Module, dataset: MultiTaskDataset, config: TrainConfig, out=No
     after every epoch (``resume`` continues from it) and write the results there. Returns them
     (``info``: extra entries for the results, e.g. how the model was built)."""
     out = Path(out) if out is not None else None
+    if config.val_fraction:
+        dataset = with_holdout(dataset, config.val_fraction, config.seed)
     train_data, eval_data = _split(dataset, "train", 2), _split(dataset, config.eval_split, 1)
+    selection = BestEpoch(dataset.split(SELECT_SPLIT), train_data, config) if config.val_fraction else None
     model.to(config.device)
     trained = distributed.prepare_model(model, config)  # DDP with synced BatchNorm under torchrun, else model
     if not distributed.is_main():
@@ -115,19 +124,26 @@ def fit(model: nn.Module, dataset: MultiTaskDataset, config: TrainConfig, out=No
         if resume and (out / CHECKPOINT).is_file():
             start_epoch, history = load_checkpoint(out / CHECKPOINT, model, optimizer, config, log, run)
             log(f"resumed from {out / CHECKPOINT} after epoch {start_epoch}")
+            if selection is not None:
+                selection.load(out / CHECKPOINT)
     for epoch in range(start_epoch, config.epochs):
         history.append(train_epoch(trained, optimizer, train_data, epoch, config, progress))
         h = history[-1]
+        if selection is not None:
+            selection.observe(model, epoch + 1, h)
         log(f"epoch {h['epoch']}/{config.epochs}: loss {h['loss']:.4f}, {h['samples_per_s']:.0f} samples/s, "
             f"{h['seconds']:.1f} s")
         _check_weights(model, epoch, config)
         if out is not None and distributed.is_main():
-            save_checkpoint(out / CHECKPOINT, model, optimizer, epoch + 1, history, config, run)
+            save_checkpoint(out / CHECKPOINT, model, optimizer, epoch + 1, history, config, run,
+                            selection=selection.state_dict() if selection is not None else None)
+    if selection is not None:
+        selection.restore_best(model)
     start = time.perf_counter()
     with distributed.local_statistics(model):
         metrics = evaluate(model, eval_data, config, progress, train_data)
     eval_seconds = time.perf_counter() - start
-    baseline = majority_baseline(train_data.labels, eval_data.labels, eval_data.task_names, config.zero_division)
+    baseline = majority_baseline(train_data.targets, eval_data.targets, eval_data.task_names, config.zero_division)
     results = {
         "dataset": dataset.name, "num_tasks": dataset.num_tasks, "eval_split": config.eval_split,
         "train_samples": len(train_data), "eval_samples": len(eval_data),
@@ -135,6 +151,7 @@ def fit(model: nn.Module, dataset: MultiTaskDataset, config: TrainConfig, out=No
         "config": dataclasses.asdict(config), "history": history,
         "train_seconds": sum(h["seconds"] for h in history), "eval_seconds": eval_seconds,
         "means": metrics.means(), "majority_baseline": baseline.means(),
+        "selection": selection.summary() if selection is not None else None,
         "per_task": [dict(row, majority_accuracy=b["accuracy"]) for row, b in zip(metrics.rows(), baseline.rows())],
     }
     if out is not None and distributed.is_main():

@@ -84,21 +84,23 @@ class TaskMetrics:
 
 def metrics_from_predictions(predictions: torch.Tensor, labels: torch.Tensor, task_names: Sequence[str] | None = None,
                              zero_division: float = 0.0) -> TaskMetrics:
-    """Metrics of 0/1 (or bool) ``predictions`` against 0/1 ``labels``, both ``[N, T]`` (or ``[N]``)."""
+    """Metrics of 0/1 (or bool) ``predictions`` against 0/1 ``labels``, both ``[N, T]`` (or ``[N]``);
+    a NaN label is missing: that sample counts for none of its task's counts."""
     if predictions.shape != labels.shape:
         raise ValueError(f"predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} differ in shape")
     if predictions.dim() == 1:
         predictions, labels = predictions[:, None], labels[:, None]
     if predictions.dim() != 2:
         raise ValueError(f"predictions must be [N, T] or [N], got {tuple(predictions.shape)}")
-    if labels.numel() and not bool(((labels == 0) | (labels == 1)).all()):
-        raise ValueError("labels must be 0 or 1")
-    pred, true = predictions.bool(), labels.bool()
+    known = ~labels.isnan() if labels.is_floating_point() else torch.ones(labels.shape, dtype=torch.bool)
+    if labels.numel() and not bool(((labels == 0) | (labels == 1) | ~known).all()):
+        raise ValueError("labels must be 0 or 1 (or NaN for a missing label)")
+    pred, true = predictions.bool() & known, (labels.nan_to_num(0) if labels.is_floating_point() else labels).bool()
     names = list(task_names) if task_names is not None else [f"task_{t}" for t in range(labels.shape[1])]
     if len(names) != labels.shape[1]:
         raise ValueError(f"{len(names)} task names for {labels.shape[1]} tasks")
     return TaskMetrics(names, (pred & true).sum(0), (pred & ~true).sum(0), (~pred & true).sum(0),
-                       (~pred & ~true).sum(0), zero_division)
+                       (~pred & ~true & known).sum(0), zero_division)
 
 
 def binary_metrics(logits: torch.Tensor, labels: torch.Tensor, task_names: Sequence[str] | None = None,
@@ -110,8 +112,8 @@ def binary_metrics(logits: torch.Tensor, labels: torch.Tensor, task_names: Seque
 def majority_baseline(train_labels: torch.Tensor, test_labels: torch.Tensor, task_names: Sequence[str] | None = None,
                       zero_division: float = 0.0) -> TaskMetrics:
     """A constant predictor per task: the class that is the majority in ``train_labels``
-    (negative on a tie), scored on ``test_labels`` (both ``[N, T]``)."""
-    majority = train_labels.float().mean(0) > 0.5
+    (negative on a tie), scored on ``test_labels`` (both ``[N, T]``; NaN labels are missing)."""
+    majority = train_labels.float().nanmean(0) > 0.5  # NaN (no known label) compares False: negative
     return metrics_from_predictions(majority.expand_as(test_labels), test_labels, task_names, zero_division)
 
 

@@ -26,7 +26,8 @@ def write_json(obj, path: Path) -> None:
 
 def write_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        fields = list(dict.fromkeys(k for row in rows for k in row))  # every row's keys (e.g. val_* on some epochs)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
 
