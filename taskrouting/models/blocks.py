@@ -11,31 +11,57 @@ from torch import nn
 from ..nn.bn_relu_route import BNReLURoute2d
 from ..nn.masks import check_masks, check_sharing_ratio, make_masks
 from ..nn.router import TaskConditioned, TaskRouter, active_task
+from ..nn.task_stats import TaskStats
 from ..ops.checks import check_positive_int
 from ..ops.reference import route_view
-from ..ops.route import select_route
+from ..ops.route import check_task_ids, select_route
 from .heads import TaskHeads
 
 __all__ = ["ReferenceBNReLURoute2d", "ROUTED_BN", "Routing", "RoutedNet", "init_weights"]
 
 
-class ReferenceBNReLURoute2d(nn.BatchNorm2d, TaskConditioned):
+class ReferenceBNReLURoute2d(TaskStats, nn.BatchNorm2d, TaskConditioned):
     """Unfused ``BatchNorm2d → ReLU → TaskRouter`` (``nn.BatchNorm2d``'s own forward, ``F.relu``,
-    then the mask), with the same parameters, buffers and state_dict keys as ``BNReLURoute2d``."""
+    then the mask), with the same parameters, buffers and state_dict keys as ``BNReLURoute2d``.
+    ``task_stats=True``: the same per-task statistics, each task's samples through ``F.batch_norm``
+    with its own row (and the shared stats updated by ``nn.BatchNorm2d``'s forward)."""
 
-    def __init__(self, num_features: int, *, masks: torch.Tensor, sharing_ratio: float):
+    def __init__(self, num_features: int, *, masks: torch.Tensor, sharing_ratio: float, task_stats: bool = False):
         super().__init__(num_features)
         self.sharing_ratio = check_sharing_ratio(sharing_ratio)
         masks = check_masks(masks, num_features)
         self.num_tasks = masks.shape[0]
         self.register_buffer("masks", masks.clone())
         self.active_task = None
+        self._init_task_stats(task_stats)
 
     def forward(self, x: torch.Tensor, task=None) -> torch.Tensor:
         # Route first so that a bad task fails before the running stats are updated.
-        route = select_route(self.masks, self.active_task if task is None else task, x.shape[0], x.device)
-        y = F.relu(super().forward(x))
+        task = self.active_task if task is None else task
+        route = select_route(self.masks, task, x.shape[0], x.device)
+        if self.task_stats:
+            y = self._task_batch_norm(x, check_task_ids(task, self.num_tasks, x.shape[0], x.device))
+        else:
+            y = super().forward(x)
+        y = F.relu(y)
         return y * route_view(route, y)
+
+    def _task_batch_norm(self, x: torch.Tensor, task) -> torch.Tensor:
+        if isinstance(task, torch.Tensor) and task.dim() == 0:
+            task = int(task)
+        if isinstance(task, torch.Tensor) and self.training:
+            self._check_group_sizes(x, task)
+        if self.training:
+            with torch.no_grad():
+                super().forward(x)  # the shared statistics, as nn.BatchNorm2d keeps them
+        if isinstance(task, int):
+            return self._one_task_batch_norm(x, task)
+        return self._grouped(x, task, self._one_task_batch_norm)
+
+    def _one_task_batch_norm(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        mean, var = self._task_rows(task)
+        factor = self._task_factor(task) if self.training else 0.0
+        return F.batch_norm(x, mean, var, self.weight, self.bias, self.training, factor, self.eps)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_tasks={self.num_tasks}, sharing_ratio={self.sharing_ratio}"
@@ -55,7 +81,7 @@ class Routing:
     generator seeded by ``seed`` (torch's global RNG when ``seed`` is None)."""
 
     def __init__(self, num_tasks: int, sharing_ratio: float = 0.5, seed: int | None = None,
-                 stats: str = "batch", fused: bool = True, backend: str = "auto"):
+                 stats: str = "batch", fused: bool = True, backend: str = "auto", task_stats: bool = True):
         if stats not in ("batch", "routed"):
             raise ValueError(f"stats must be 'batch' or 'routed', got {stats!r}")
         if not isinstance(fused, bool):
@@ -68,6 +94,9 @@ class Routing:
         seed = _check_seed(seed)
         self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
         self.stats, self.fused, self.backend = stats, fused, backend
+        if not isinstance(task_stats, bool):
+            raise TypeError(f"task_stats must be a bool, got {type(task_stats).__name__}")
+        self.task_stats = task_stats
 
     def masks(self, num_channels: int) -> torch.Tensor:
         return make_masks(self.num_tasks, num_channels, self.sharing_ratio, generator=self.generator)
@@ -77,8 +106,9 @@ class Routing:
         masks = self.masks(num_channels)
         if self.fused:
             return BNReLURoute2d(num_channels, masks=masks, sharing_ratio=self.sharing_ratio,
-                                 stats=self.stats, backend=self.backend)
-        return ReferenceBNReLURoute2d(num_channels, masks=masks, sharing_ratio=self.sharing_ratio)
+                                 stats=self.stats, backend=self.backend, task_stats=self.task_stats)
+        return ReferenceBNReLURoute2d(num_channels, masks=masks, sharing_ratio=self.sharing_ratio,
+                                      task_stats=self.task_stats)
 
     def router(self, num_channels: int) -> TaskRouter:
         return TaskRouter(num_channels, masks=self.masks(num_channels), sharing_ratio=self.sharing_ratio)
