@@ -13,9 +13,19 @@ import warnings
 
 import torch
 
-__all__ = ["TaskStats", "TASK_BUFFERS"]
+__all__ = ["TaskStats", "TASK_BUFFERS", "task_stats_from_shared"]
 
 TASK_BUFFERS = ("task_running_mean", "task_running_var", "task_num_batches_tracked")
+_SHARED = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def task_stats_from_shared(state_dict, num_tasks: int, prefix: str = "") -> dict:
+    """Per-task buffers for a state_dict saved without them: every task's row a copy of the shared stats."""
+    rows = {}
+    for key, source in zip(TASK_BUFFERS, _SHARED):
+        value = state_dict[prefix + source]
+        rows[prefix + key] = value.repeat(num_tasks) if value.dim() == 0 else value.repeat(num_tasks, 1)
+    return rows
 
 
 class TaskStats:
@@ -86,13 +96,10 @@ class TaskStats:
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         keys = [prefix + name for name in TASK_BUFFERS]
-        shared = [prefix + name for name in ("running_mean", "running_var", "num_batches_tracked")]
+        shared = [prefix + name for name in _SHARED]
         if self.task_stats and not any(k in state_dict for k in keys) and all(k in state_dict for k in shared):
             warnings.warn(f"{prefix or 'module '}state_dict has no per-task statistics (saved without "
                           f"task_stats): every task starts from the shared running statistics", stacklevel=2)
-            for key, source in zip(keys, shared):
-                value = state_dict[source]
-                state_dict[key] = value.repeat(self.num_tasks) if value.dim() == 0 else \
-                    value.repeat(self.num_tasks, 1)
+            state_dict.update(task_stats_from_shared(state_dict, self.num_tasks, prefix))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

@@ -8,9 +8,13 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["TrainConfig", "ModelBuildError", "MODELS", "BN_EVAL", "build_model", "seed_everything"]
+__all__ = ["TrainConfig", "ModelBuildError", "MODELS", "BN_EVAL", "BN_EVAL_ALIASES", "build_model",
+           "seed_everything"]
 
-BN_EVAL = ("per-task", "running")
+# BatchNorm statistics at evaluation (training/evaluation.py): what the layers hold (plain model.eval()),
+# re-estimated per task on training batches, or the evaluation batch's own.
+BN_EVAL = ("stored", "recalibrate", "batch")
+BN_EVAL_ALIASES = {"per-task": "recalibrate", "running": "stored"}  # the names before --bn-eval stored
 
 MODELS = {"vgg11": "vgg11_bn", "vgg16": "vgg16_bn", "resnet50": "resnet50"}
 
@@ -35,10 +39,11 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers decoding batches (image files); 0 = in this process
     device: str = "cpu"
     zero_division: float = 0.0
-    bn_eval: str = "per-task"  # or "running"; see the module docstring
-    bn_batches: int = 8  # training batches (of eval_batch_size) per task for bn_eval="per-task"
+    bn_eval: str = "stored"  # or "recalibrate", "batch"; see training/evaluation.py
+    bn_batches: int = 8  # training batches (of eval_batch_size) per task for bn_eval="recalibrate"
 
     def __post_init__(self):
+        self.bn_eval = BN_EVAL_ALIASES.get(self.bn_eval, self.bn_eval)
         if self.bn_eval not in BN_EVAL:
             raise ValueError(f"bn_eval must be one of {', '.join(BN_EVAL)}, got {self.bn_eval!r}")
         for name, least in (("epochs", 0), ("batch_size", 2), ("eval_batch_size", 2), ("num_workers", 0),
