@@ -99,7 +99,7 @@ def _task_selection(text: str):
 def _add_common(p: argparse.ArgumentParser) -> None:
     from .data import DATASETS
     from .training.batches import TASK_SAMPLING
-    from .training.config import BN_EVAL, MODELS, TrainConfig
+    from .training.config import BN_EVAL, BN_EVAL_ALIASES, MODELS, TrainConfig
 
     d = TrainConfig()
     data = p.add_argument_group("data")
@@ -127,11 +127,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     flips.add_argument("--no-flip", dest="hflip", action="store_false", help="no flips (default: as the data set says)")
     train.add_argument("--eval-split", default=d.eval_split, help="split to evaluate on (default: test)")
     train.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    train.add_argument("--bn-eval", choices=BN_EVAL, default=d.bn_eval,
-                       help="BatchNorm statistics at evaluation: re-estimated per task on training batches "
-                            "(default; the running ones mix all tasks) or the model's running ones")
+    train.add_argument("--bn-eval", choices=(*BN_EVAL, *BN_EVAL_ALIASES), default=d.bn_eval,
+                       help="BatchNorm statistics at evaluation: stored = plain model.eval() with what the layers "
+                            "hold (each task's own with per-task statistics; default), recalibrate = re-estimated "
+                            "per task on training batches, batch = the evaluation batch's "
+                            "(per-task and running: old names of recalibrate and stored)")
     train.add_argument("--bn-batches", type=int, default=d.bn_batches,
-                       help="training batches per task for --bn-eval per-task")
+                       help="training batches per task for --bn-eval recalibrate")
     train.add_argument("--task-sampling", choices=TASK_SAMPLING, default=d.task_sampling,
                        help="task of each batch: drawn uniformly (default, the paper) or round-robin over tasks")
     train.add_argument("--val-fraction", type=float, default=d.val_fraction,

@@ -27,7 +27,7 @@ X = torch.randn(2, 4, 3, 3)
     (dict(bias=torch.ones(4, dtype=torch.long)), TypeError, "bias must be a floating tensor"),
     (dict(running_mean=torch.zeros(4)), ValueError, "running_mean and running_var must be given together"),
     (dict(training=False), ValueError, "training=False needs running_mean"),
-    (dict(momentum=1.5), ValueError, "momentum"),
+    (dict(momentum=float("nan")), ValueError, "momentum"),
     (dict(eps=0.0), ValueError, "eps"),
     (dict(stats="all"), ValueError, "stats must be"),
     (dict(backend="gpu"), ValueError, "backend must be"),

@@ -12,34 +12,59 @@ from ..nn.bn_relu_route import BATCH_NORMS, BNReLURoute2d
 from ..nn.masks import check_masks, check_seed, check_sharing_ratio, make_masks
 from ..nn.router import TaskConditioned, TaskRouter, active_task
 from ..nn.state import CheckedStateLoad
+from ..nn.task_stats import TaskStats
 from ..ops.checks import check_positive_int
 from ..ops.reference import route_select
-from ..ops.route import select_route
+from ..ops.route import check_task_ids, select_route
 from .heads import TaskHeads
 
 __all__ = ["ReferenceBNReLURoute2d", "ROUTED_BN", "Routing", "RoutedNet", "init_weights"]
 
 
-class ReferenceBNReLURoute2d(CheckedStateLoad, nn.BatchNorm2d, TaskConditioned):
+class ReferenceBNReLURoute2d(CheckedStateLoad, TaskStats, nn.BatchNorm2d, TaskConditioned):
     """Unfused ``BatchNorm2d → ReLU → TaskRouter`` (``nn.BatchNorm2d``'s own forward, ``F.relu``,
-    then the mask), with the same parameters, buffers and state_dict keys as ``BNReLURoute2d``."""
+    then the mask), with the same parameters, buffers and state_dict keys as ``BNReLURoute2d``.
+    ``task_stats=True``: the same per-task statistics, each task's samples through ``F.batch_norm``
+    with its own row (and the shared stats updated by ``nn.BatchNorm2d``'s forward)."""
 
-    def __init__(self, num_features: int, *, masks: torch.Tensor, sharing_ratio: float):
+    def __init__(self, num_features: int, *, masks: torch.Tensor, sharing_ratio: float, task_stats: bool = False):
         super().__init__(check_positive_int(num_features, "num_features"))
         self.sharing_ratio = check_sharing_ratio(sharing_ratio)
         masks = check_masks(masks, num_features)
         self.num_tasks = masks.shape[0]
         self.register_buffer("masks", masks.clone())
         self.active_task = None
+        self._init_task_stats(task_stats)
 
     def forward(self, x: torch.Tensor, task=None) -> torch.Tensor:
         # Checked first so that a bad input or task fails before the running stats are updated.
         self._check_input_dim(x)
         if x.shape[1] != self.num_features:
             raise ValueError(f"x has {x.shape[1]} channels (dim 1) but the layer has {self.num_features}")
-        route = select_route(self.masks, self.active_task if task is None else task, x.shape[0], x.device)
-        y = F.relu(super().forward(x))
-        return route_select(y, route)
+        task = self.active_task if task is None else task
+        route = select_route(self.masks, task, x.shape[0], x.device)
+        if self.task_stats:
+            y = self._task_batch_norm(x, check_task_ids(task, self.num_tasks, x.shape[0], x.device))
+        else:
+            y = super().forward(x)
+        return route_select(F.relu(y), route)
+
+    def _task_batch_norm(self, x: torch.Tensor, task) -> torch.Tensor:
+        if isinstance(task, torch.Tensor) and task.dim() == 0:
+            task = int(task)
+        if isinstance(task, torch.Tensor) and self.training:
+            self._check_group_sizes(x, task)
+        if self.training:
+            with torch.no_grad():
+                super().forward(x)  # the shared statistics, as nn.BatchNorm2d keeps them
+        if isinstance(task, int):
+            return self._one_task_batch_norm(x, task)
+        return self._grouped(x, task, self._one_task_batch_norm)
+
+    def _one_task_batch_norm(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        mean, var = self._task_rows(task)
+        factor = self._task_factor(task) if self.training else 0.0
+        return F.batch_norm(x, mean, var, self.weight, self.bias, self.training, factor, self.eps)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_tasks={self.num_tasks}, sharing_ratio={self.sharing_ratio}"
@@ -53,7 +78,7 @@ class Routing:
     generator seeded by ``seed`` (torch's global RNG when ``seed`` is None)."""
 
     def __init__(self, num_tasks: int, sharing_ratio: float = 0.5, seed: int | None = None,
-                 stats: str = "batch", fused: bool = True, backend: str = "auto"):
+                 stats: str = "batch", fused: bool = True, backend: str = "auto", task_stats: bool = False):
         if stats not in ("batch", "routed"):
             raise ValueError(f"stats must be 'batch' or 'routed', got {stats!r}")
         if not isinstance(fused, bool):
@@ -66,6 +91,9 @@ class Routing:
         seed = check_seed(seed)
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
         self.stats, self.fused, self.backend = stats, fused, backend
+        if not isinstance(task_stats, bool):
+            raise TypeError(f"task_stats must be a bool, got {type(task_stats).__name__}")
+        self.task_stats = task_stats
 
     def masks(self, num_channels: int) -> torch.Tensor:
         return make_masks(self.num_tasks, num_channels, self.sharing_ratio, generator=self.generator)
@@ -75,8 +103,9 @@ class Routing:
         masks = self.masks(num_channels)
         if self.fused:
             return BNReLURoute2d(num_channels, masks=masks, sharing_ratio=self.sharing_ratio,
-                                 stats=self.stats, backend=self.backend)
-        return ReferenceBNReLURoute2d(num_channels, masks=masks, sharing_ratio=self.sharing_ratio)
+                                 stats=self.stats, backend=self.backend, task_stats=self.task_stats)
+        return ReferenceBNReLURoute2d(num_channels, masks=masks, sharing_ratio=self.sharing_ratio,
+                                      task_stats=self.task_stats)
 
     def router(self, num_channels: int) -> TaskRouter:
         return TaskRouter(num_channels, masks=self.masks(num_channels), sharing_ratio=self.sharing_ratio)

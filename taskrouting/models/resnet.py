@@ -50,9 +50,10 @@ class RoutedResNet(RoutedNet):
 
     def __init__(self, layers, num_tasks: int, *, sharing_ratio: float = 0.5, seed: int | None = None,
                  in_channels: int = 3, width_mult: float = 1.0, pool_size: int = 1,
-                 embedding_dim: int = 256, stats: str = "batch", fused: bool = True, backend: str = "auto"):
+                 embedding_dim: int = 256, stats: str = "batch", fused: bool = True, backend: str = "auto",
+                 task_stats: bool = False):
         super().__init__(in_channels, width_mult, pool_size)
-        routing = Routing(num_tasks, sharing_ratio, seed, stats, fused, backend)
+        routing = Routing(num_tasks, sharing_ratio, seed, stats, fused, backend, task_stats)
         channels = self.scaled(64)
         self.conv1 = nn.Conv2d(self.in_channels, channels, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = routing.bn_relu_route(channels)

@@ -44,10 +44,17 @@ def _active(layer: nn.Module, task: int) -> torch.Tensor:
     return layer.masks[task].nonzero().flatten()
 
 
+def _running_stats(bn: nn.modules.batchnorm._NormBase, task: int):
+    """The running statistics ``bn`` normalises ``task`` with in eval: its row when it keeps per-task ones."""
+    if getattr(bn, "task_stats", False):
+        return bn.task_running_mean[task], bn.task_running_var[task], bn.task_num_batches_tracked[task]
+    return bn.running_mean, bn.running_var, bn.num_batches_tracked
+
+
 def _conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._NormBase, keep: torch.Tensor,
-             inputs: torch.Tensor | None, fold_bn: bool) -> list[nn.Module]:
+             inputs: torch.Tensor | None, fold_bn: bool, task: int) -> list[nn.Module]:
     """``conv → bn`` restricted to output channels ``keep`` and input channels ``inputs``
-    (all when None): one conv with the BN folded in, or a sliced conv and BatchNorm2d."""
+    (all when None): one conv with the BN (``task``'s statistics) folded in, or a sliced conv and BatchNorm2d."""
     if conv.groups != 1:
         raise TypeError("extract_subnetwork supports only convolutions with groups=1")
     weight = conv.weight[keep] if inputs is None else conv.weight[keep][:, inputs]
@@ -55,10 +62,11 @@ def _conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._NormBase, keep: torch.Te
     factory = {"device": weight.device, "dtype": weight.dtype}
     dense = nn.Conv2d(weight.shape[1], weight.shape[0], conv.kernel_size, conv.stride, conv.padding,
                       conv.dilation, bias=fold_bn or bias is not None, padding_mode=conv.padding_mode, **factory)
+    running_mean, running_var, num_batches = _running_stats(bn, task)
     if fold_bn:
         # In float64, so that folding adds no rounding error of its own.
-        scale = bn.weight[keep].double() * torch.rsqrt(bn.running_var[keep].double() + bn.eps)
-        shift = bn.bias[keep].double() - bn.running_mean[keep].double() * scale
+        scale = bn.weight[keep].double() * torch.rsqrt(running_var[keep].double() + bn.eps)
+        shift = bn.bias[keep].double() - running_mean[keep].double() * scale
         if bias is not None:
             shift = shift + bias.double() * scale
         dense.weight.copy_(weight.double() * scale.view(-1, 1, 1, 1))
@@ -68,9 +76,10 @@ def _conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._NormBase, keep: torch.Te
     if bias is not None:
         dense.bias.copy_(bias)
     norm = nn.BatchNorm2d(keep.numel(), bn.eps, bn.momentum, **factory)
-    for name in ("weight", "bias", "running_mean", "running_var"):
-        getattr(norm, name).copy_(getattr(bn, name)[keep])
-    norm.num_batches_tracked.copy_(bn.num_batches_tracked)
+    for target, source in ((norm.weight, bn.weight), (norm.bias, bn.bias), (norm.running_mean, running_mean),
+                           (norm.running_var, running_var)):
+        target.copy_(source[keep])
+    norm.num_batches_tracked.copy_(num_batches)
     return [dense, norm]
 
 
@@ -87,13 +96,13 @@ def _identity(keep: torch.Tensor, inputs: torch.Tensor | None, channels: int) ->
 
 def _bottleneck(block: Bottleneck, task: int, inputs: torch.Tensor | None, fold_bn: bool):
     hidden1, hidden2, keep = _active(block.bn1, task), _active(block.bn2, task), _active(block.route, task)
-    body = nn.Sequential(*_conv_bn(block.conv1, block.bn1, hidden1, inputs, fold_bn), nn.ReLU(),
-                         *_conv_bn(block.conv2, block.bn2, hidden2, hidden1, fold_bn), nn.ReLU(),
-                         *_conv_bn(block.conv3, block.bn3, keep, hidden2, fold_bn))
+    body = nn.Sequential(*_conv_bn(block.conv1, block.bn1, hidden1, inputs, fold_bn, task), nn.ReLU(),
+                         *_conv_bn(block.conv2, block.bn2, hidden2, hidden1, fold_bn, task), nn.ReLU(),
+                         *_conv_bn(block.conv3, block.bn3, keep, hidden2, fold_bn, task))
     if block.downsample is None:
         shortcut = _identity(keep, inputs, block.conv1.in_channels)
     else:
-        shortcut = nn.Sequential(*_conv_bn(block.downsample[0], block.downsample[1], keep, inputs, fold_bn))
+        shortcut = nn.Sequential(*_conv_bn(block.downsample[0], block.downsample[1], keep, inputs, fold_bn, task))
     return Residual(body, shortcut), keep
 
 
@@ -107,7 +116,7 @@ def _trunk(modules: list[nn.Module], task: int, fold_bn: bool):
             if not isinstance(bn, ROUTED_BN):
                 raise TypeError(f"expected a routed BatchNorm layer after {module}, got {type(bn).__name__}")
             keep = _active(bn, task)
-            dense += [*_conv_bn(module, bn, keep, active, fold_bn), nn.ReLU()]
+            dense += [*_conv_bn(module, bn, keep, active, fold_bn, task), nn.ReLU()]
             active = keep
         elif isinstance(module, Bottleneck):
             block, active = _bottleneck(module, task, active, fold_bn)

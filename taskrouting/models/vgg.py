@@ -30,6 +30,8 @@ class RoutedVGG(RoutedNet):
             or small images ``pool_size=1`` keeps the heads small.
         embedding_dim: width of each task's embedding (its hidden layer).
         stats, backend: passed to the fused ``BNReLURoute2d`` layers.
+        task_stats: per-task BatchNorm statistics in every routed layer (``nn/task_stats.py``), so
+            that plain ``model.eval()`` normalises each task with its own statistics.
         fused: ``False`` builds ``ReferenceBNReLURoute2d`` (BatchNorm2d → ReLU → TaskRouter,
             unfused) instead; the state_dict keys and shapes are the same either way.
 
@@ -42,9 +44,10 @@ class RoutedVGG(RoutedNet):
 
     def __init__(self, config, num_tasks: int, *, sharing_ratio: float = 0.5, seed: int | None = None,
                  in_channels: int = 3, width_mult: float = 1.0, pool_size: int = 7,
-                 embedding_dim: int = 256, stats: str = "batch", fused: bool = True, backend: str = "auto"):
+                 embedding_dim: int = 256, stats: str = "batch", fused: bool = True, backend: str = "auto",
+                 task_stats: bool = False):
         super().__init__(in_channels, width_mult, pool_size)
-        routing = Routing(num_tasks, sharing_ratio, seed, stats, fused, backend)
+        routing = Routing(num_tasks, sharing_ratio, seed, stats, fused, backend, task_stats)
         layers, channels = [], self.in_channels
         for item in config:
             if item == "M":

@@ -6,20 +6,27 @@ from torch import nn
 
 from .. import ops
 from ..ops.checks import DTYPES, check_positive_int
-from ..ops.route import select_route
+from ..ops.reference import channel_stats, update_running_stats
+from ..ops.route import check_task_ids, select_route
 from .masks import build_masks, check_sharing_ratio
 from .router import TaskConditioned
 from .state import CheckedStateLoad
+from .task_stats import TaskStats
 
 __all__ = ["BNReLURoute1d", "BNReLURoute2d", "BNReLURoute3d", "BATCH_NORMS"]
 
 
-class _BNReLURoute(CheckedStateLoad, nn.modules.batchnorm._NormBase, TaskConditioned):
+class _BNReLURoute(CheckedStateLoad, TaskStats, nn.modules.batchnorm._NormBase, TaskConditioned):
     """``TaskRouter(ReLU(BatchNorm(x)))`` in one op; same arguments and state_dict as
     ``nn.BatchNorm*d`` plus the routing ones and the bool buffer ``masks``.
 
     Derived from ``_NormBase``, not ``_BatchNorm``, so that ``nn.SyncBatchNorm.convert_sync_batchnorm``
-    (which replaces every ``_BatchNorm``) leaves it alone instead of dropping the ReLU and the routing."""
+    (which replaces every ``_BatchNorm``) leaves it alone instead of dropping the ReLU and the routing.
+
+    ``task_stats=True`` also keeps per-task running statistics (``nn/task_stats.py``): training
+    normalises each task's samples with their own batch statistics and updates that task's row
+    (and the shared ones, as ``nn.BatchNorm``); eval normalises each sample with its task's row.
+    Per-sample tasks run one op call per task group (correct, not one pass)."""
 
     _ranks: tuple[int, ...] = ()
     _bn_relu_route_on = staticmethod(ops.bn_relu_route_on)  # the sync variant overrides it
@@ -28,7 +35,7 @@ class _BNReLURoute(CheckedStateLoad, nn.modules.batchnorm._NormBase, TaskConditi
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
                  num_tasks: int | None = None, sharing_ratio: float = 0.5, seed: int | None = None,
                  masks: torch.Tensor | None = None, stats: str = "batch", backend: str = "auto",
-                 **batchnorm_kwargs):
+                 task_stats: bool = False, **batchnorm_kwargs):
         num_features = check_positive_int(num_features, "num_features")
         if dtype is not None and dtype not in DTYPES:
             raise TypeError(f"dtype must be None or one of {', '.join(map(str, DTYPES))}, got {dtype!r}")
@@ -45,6 +52,7 @@ class _BNReLURoute(CheckedStateLoad, nn.modules.batchnorm._NormBase, TaskConditi
         self.backend = backend
         self.register_buffer("masks", masks.to(device))
         self.active_task = None
+        self._init_task_stats(task_stats)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() not in self._ranks:
@@ -69,16 +77,46 @@ class _BNReLURoute(CheckedStateLoad, nn.modules.batchnorm._NormBase, TaskConditi
         running_var = self.running_var if keep_running else None
         ops.check_inputs(x, self.masks, self.weight, self.bias, running_mean, running_var, use_batch_stats,
                          self.momentum or 0.0, self.eps, self.stats)
-        route = select_route(self.masks, self.active_task if task is None else task, x.shape[0], x.device)
-        y = self._bn_relu_route_on(x, route, self.weight, self.bias, running_mean, running_var,
+        if self.task_stats:
+            y = self._forward_task_stats(x, self.active_task if task is None else task)
+        else:
+            route = select_route(self.masks, self.active_task if task is None else task, x.shape[0], x.device)
+            y = self._bn_relu_route_on(x, route, self.weight, self.bias, running_mean, running_var,
                                        use_batch_stats, self._average_factor(), self.eps, self.stats, self.backend)
         if self._counts_batch():  # after the op: a rejected call (e.g. an unavailable backend) counts nothing
             self.num_batches_tracked.add_(1)
         return y
 
+    def _forward_task_stats(self, x: torch.Tensor, task) -> torch.Tensor:
+        task = check_task_ids(task, self.num_tasks, x.shape[0], x.device)
+        if isinstance(task, torch.Tensor) and task.dim() == 0:
+            task = int(task)
+        if isinstance(task, int):
+            return self._one_task(x, task, self._average_factor() if self.training else 0.0)
+        if self.training:
+            self._check_group_sizes(x, task)
+            mean, var, count = channel_stats(x.detach(), self.masks[task] if self.stats == "routed" else None)
+            update_running_stats(self.running_mean, self.running_var, mean, var, count, self._average_factor())
+        return self._grouped(x, task, lambda part, t: self._one_task(part, t, None))
+
+    def _one_task(self, x: torch.Tensor, task: int, shared_factor: float | None) -> torch.Tensor:
+        """The op on a batch of one task: training updates its row (and, unless ``shared_factor`` is
+        None, the shared stats); eval normalises with its row."""
+        mean, var = self._task_rows(task)
+        if not self.training:
+            return ops.bn_relu_route_on(x, self.masks[task], self.weight, self.bias, mean, var, False, 0.0,
+                                        self.eps, self.stats, self.backend)
+        factor = self._task_factor(task)
+        if shared_factor is None:
+            return ops.bn_relu_route_on(x, self.masks[task], self.weight, self.bias, mean, var, True, factor,
+                                        self.eps, self.stats, self.backend)
+        return ops.bn_relu_route_on(x, self.masks[task], self.weight, self.bias, self.running_mean,
+                                    self.running_var, True, shared_factor, self.eps, self.stats, self.backend,
+                                    also_update=(mean, var, factor))
+
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, num_tasks={self.num_tasks}, sharing_ratio={self.sharing_ratio}, "
-                f"stats={self.stats!r}, backend={self.backend!r}")
+                f"stats={self.stats!r}, backend={self.backend!r}" + (", task_stats=True" if self.task_stats else ""))
 
 
 class BNReLURoute1d(_BNReLURoute):

@@ -16,6 +16,9 @@ _SYNC = {BNReLURoute1d: SyncBNReLURoute1d, BNReLURoute2d: SyncBNReLURoute2d, BNR
 
 def _synced(layer: nn.Module, process_group) -> nn.Module:
     """The same layer (the same Parameter and buffer objects, attributes, mode) as its sync class."""
+    if layer.task_stats:
+        raise ValueError("convert_sync_batchnorm: per-task statistics (task_stats=True) are not synchronised "
+                         "across processes yet; build the model with task_stats=False")
     sync = copy.copy(layer)
     sync.__dict__ = {k: copy.copy(v) if isinstance(v, (dict, set, list)) else v for k, v in layer.__dict__.items()}
     sync.__class__ = _SYNC[type(layer)]

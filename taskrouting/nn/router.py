@@ -18,10 +18,16 @@ __all__ = ["TaskConditioned", "TaskRouter", "set_active_task", "active_task"]
 class TaskConditioned:
     """Mixin for modules whose forward depends on the active task (routers, fused BN, heads).
 
-    ``set_active_task`` sets ``active_task`` on every such module of a model.
+    ``set_active_task`` sets ``active_task`` on every such module of a model; each module's own
+    ``set_active_task(task)`` sets it on that module alone (as loops written for the authors'
+    ``TaskRouter`` call it on every module that has ``active_task``).
     """
 
     active_task = None
+
+    def set_active_task(self, task):
+        self.active_task = check_task(task)
+        return self
 
 
 def check_task(task):

@@ -109,6 +109,9 @@ class _SyncBNReLURoute(_BNReLURoute):
 
     def __init__(self, *args, process_group=None, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.task_stats:
+            raise ValueError("task_stats=True is not synchronised across processes yet: use task_stats=False "
+                             "with SyncBNReLURoute*d")
         self.process_group = process_group
 
     def _bn_relu_route_on(self, x, route, weight, bias, running_mean, running_var, training, momentum, eps,

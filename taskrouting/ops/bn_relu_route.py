@@ -5,7 +5,7 @@ import torch
 
 from .backends import BACKENDS, family_op, resolve_backend
 from .checks import check_inputs
-from .reference import bn_relu_route_reference, update_running_stats
+from .reference import bn_relu_route_reference, channel_stats, update_running_stats
 from .route import select_route
 from .schemas import NATIVE_UPDATE
 
@@ -39,19 +39,29 @@ def bn_relu_route(x: torch.Tensor, masks: torch.Tensor, task, weight=None, bias=
 
 
 def bn_relu_route_on(x, route, weight, bias, running_mean, running_var, training, momentum, eps, stats,
-                     backend):
-    """``bn_relu_route`` on an already selected ``route`` (bool [C] or [N, C]) and checked inputs."""
+                     backend, also_update=None):
+    """``bn_relu_route`` on an already selected ``route`` (bool [C] or [N, C]) and checked inputs.
+
+    ``also_update``: ``(mean, var, momentum)``, a second pair of running stats (a task's row) that a
+    training call updates from the same batch statistics as ``running_mean``/``running_var``.
+    """
     name = resolve_backend(backend, x)
     routed = stats == "routed"
     if name == "reference":
-        return bn_relu_route_reference(x, route, weight, bias, running_mean, running_var,
-                                       training, momentum, eps, routed)
+        y = bn_relu_route_reference(x, route, weight, bias, running_mean, running_var,
+                                    training, momentum, eps, routed)
+        if training and also_update is not None:
+            mean, var, count = channel_stats(x.detach(), route if routed else None)
+            _update_running_stats(*also_update[:2], mean, var, count, float(also_update[2]))
+        return y
     forward = family_op(BACKENDS[name].family, "bn_relu_route")
-    track = training and running_mean is not None
+    track = training and (running_mean is not None or also_update is not None)
     y, mean, _, var, count = forward(x, route, weight, bias, running_mean, running_var, training,
                                      float(eps), routed, track and not routed)
-    if track:
+    if track and running_mean is not None:
         _update_running_stats(running_mean, running_var, mean, var, count, float(momentum))
+    if track and also_update is not None:
+        _update_running_stats(*also_update[:2], mean, var, count, float(also_update[2]))
     return y
 
 

@@ -53,8 +53,9 @@ def check_inputs(x, masks, weight, bias, running_mean, running_var, training, mo
         raise ValueError("running_mean and running_var must be given together")
     if not training and running_mean is None:
         raise ValueError("training=False needs running_mean and running_var")
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
+    # Any real momentum, as nn.BatchNorm takes (PyTorch's own tests use -1.2); only NaN is meaningless.
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or momentum != momentum:
+        raise ValueError(f"momentum must be a real number, got {momentum!r}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
     if stats not in ("batch", "routed"):

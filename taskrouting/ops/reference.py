@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .layout import output_strides
 
 __all__ = ["bn_relu_route_reference", "bn_relu_route_backward_reference", "route_view", "route_select",
-           "update_running_stats", "unbiased_var"]
+           "update_running_stats", "unbiased_var", "channel_stats"]
 
 
 def route_view(route: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -44,16 +44,27 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum: 
         running_var.copy_(torch.where(seen, new_var, running_var))
 
 
-def _routed_batch_norm(x, route, weight, bias, running_mean, running_var, momentum, eps):
-    """Batch norm whose per-channel statistics use only the samples routed through the channel."""
+def channel_stats(x, route=None):
+    """Per-channel mean, biased variance and value count of ``x`` (float32, float64 for float64 x),
+    over the samples routed through each channel (``route`` bool [C] or [N, C]; None: all)."""
     xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if route is None:
+        route = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
     dims = [0] + list(range(2, x.dim()))
     count = route_view(route, xf).expand_as(xf).sum(dims)
     safe = count.clamp_min(1)
     shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
     mean = route_select(xf, route).sum(dims) / safe  # select, not multiply: unrouted values are never read
+    var = route_select((xf - mean.view(shape)).square(), route).sum(dims) / safe
+    return mean, var, count
+
+
+def _routed_batch_norm(x, route, weight, bias, running_mean, running_var, momentum, eps):
+    """Batch norm whose per-channel statistics use only the samples routed through the channel."""
+    xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    mean, var, count = channel_stats(xf, route)
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
     centered = xf - mean.view(shape)
-    var = route_select(centered.square(), route).sum(dims) / safe
     xhat = centered * torch.rsqrt(var + eps).view(shape)
     if weight is not None:
         xhat = xhat * weight.to(xf.dtype).view(shape)

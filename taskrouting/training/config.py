@@ -11,10 +11,13 @@ from torch import nn
 
 from .batches import TASK_SAMPLING
 
-__all__ = ["TrainConfig", "ConfigError", "ModelBuildError", "MODELS", "BN_EVAL", "SEED_LIMIT", "build_model",
+__all__ = ["TrainConfig", "ConfigError", "ModelBuildError", "MODELS", "BN_EVAL", "BN_EVAL_ALIASES", "SEED_LIMIT", "build_model",
            "seed_everything"]
 
-BN_EVAL = ("per-task", "running")
+# BatchNorm statistics at evaluation (training/evaluation.py): what the layers hold (plain model.eval()),
+# re-estimated per task on training batches, or the evaluation batch's own.
+BN_EVAL = ("stored", "recalibrate", "batch")
+BN_EVAL_ALIASES = {"per-task": "recalibrate", "running": "stored"}  # the names before --bn-eval stored
 
 MODELS = {"vgg11": "vgg11_bn", "vgg16": "vgg16_bn", "resnet50": "resnet50"}
 
@@ -50,13 +53,14 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers decoding batches (image files); 0 = in this process
     device: str = "cpu"
     zero_division: float = 0.0
-    bn_eval: str = "per-task"  # or "running"; see the module docstring
-    bn_batches: int = 8  # training batches (of eval_batch_size) per task for bn_eval="per-task"
+    bn_eval: str = "recalibrate"  # or "stored", "batch"; see training/evaluation.py
+    bn_batches: int = 8  # training batches (of eval_batch_size) per task for bn_eval="recalibrate"
     task_sampling: str = "uniform"  # or "round-robin" (taskrouting.training.batches.epoch_plan)
     val_fraction: float = 0.0  # > 0: hold out this much of train, keep the best epoch (training.selection)
     eval_every: int = 1  # with val_fraction: evaluate on the held-out part every this many epochs
 
     def __post_init__(self):
+        self.bn_eval = BN_EVAL_ALIASES.get(self.bn_eval, self.bn_eval)
         if self.bn_eval not in BN_EVAL:
             raise ConfigError("bn_eval", f"must be one of {', '.join(BN_EVAL)}, got {self.bn_eval!r}")
         for name, least in (("epochs", 0), ("batch_size", 2), ("eval_batch_size", 2), ("num_workers", 0),

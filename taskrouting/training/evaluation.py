@@ -1,13 +1,15 @@
 """Evaluation over every task: logits of each task for each sample, and per-task metrics.
 
-BatchNorm at evaluation: a routed model's running statistics average over batches of all
-tasks, but with σ < 1 the input of every layer after the first depends on the task's masks, so
-that mixture fits no single task (on digits it turns a model that is 97% right with batch
-statistics into one that predicts the majority class everywhere). By default (``bn_eval=
-"per-task"``) evaluation therefore re-estimates the statistics for each task from
-``bn_batches`` training batches with that task active (a cumulative average, weights untouched,
-the model's own statistics restored afterwards); ``bn_eval="running"`` uses the model's running
-statistics as they are (plain ``model.eval()``).
+BatchNorm at evaluation (``config.bn_eval``): with σ < 1 the input of every layer after the
+first depends on the task's masks, so running statistics averaged over batches of all tasks fit
+no single task (on digits they turn a model that is 97% right into one that predicts the
+majority class everywhere). Routed models therefore keep per-task statistics (``task_stats``),
+and ``bn_eval="stored"`` (the default) is plain ``model.eval()`` with what the layers hold:
+each task's own statistics, or the shared ones for a model without them.
+``bn_eval="recalibrate"`` re-estimates the statistics for each task from ``bn_batches``
+training batches with that task active (a cumulative average, weights untouched, the model's
+own statistics restored afterwards; needs the training data, T calibration passes).
+``bn_eval="batch"`` normalises with each evaluation batch's own statistics (nothing kept).
 """
 from __future__ import annotations
 
@@ -34,8 +36,9 @@ def _bn_layers(model: nn.Module) -> list[nn.Module]:
 def _kept_bn_state(model: nn.Module):
     """Restore every BatchNorm's running statistics, momentum and mode, and the model's mode, on exit."""
     layers = _bn_layers(model)
-    saved = [(m, m.momentum, m.training, {k: getattr(m, k).clone()
-                                          for k in ("running_mean", "running_var", "num_batches_tracked")})
+    # Every buffer but the masks: the shared running statistics and, with task_stats, the per-task ones.
+    saved = [(m, m.momentum, m.training, {k: b.clone() for k, b in m.named_buffers(recurse=False)
+                                          if k != "masks" and b is not None})
              for m in layers]
     was_training = model.training
     try:
@@ -75,16 +78,20 @@ def _calibration_batches(num_samples: int, batch_size: int, count: int, seed: in
 @torch.no_grad()
 def predict(model: nn.Module, data: MultiTaskDataset, batch_size: int = 256, device: str = "cpu",
             num_workers: int = 0, progress: bool = False, calibration: MultiTaskDataset | None = None,
-            calibration_batches: int = 8, seed: int = 0) -> torch.Tensor:
+            calibration_batches: int = 8, seed: int = 0, batch_stats: bool = False) -> torch.Tensor:
     """Logits ``[N, T]`` of every sample for every task, in eval mode. Without ``calibration``,
     each task is set active in turn per batch (every batch is read once); with it, each task's
     BatchNorm statistics are first re-estimated on ``calibration_batches`` seeded batches of
-    ``calibration`` (``recalibrate_bn``). The model's own state is restored afterwards."""
+    ``calibration`` (``recalibrate_bn``). ``batch_stats``: BatchNorm layers normalise with each
+    batch's statistics instead. The model's own state is restored afterwards."""
     batches = list(torch.arange(len(data)).split(batch_size))
     logits = torch.empty(len(data), data.num_tasks)
     with _kept_bn_state(model), progress_bar(data.num_tasks if calibration else len(batches), "evaluating",
                                           progress) as bar:
         model.eval()
+        if batch_stats:
+            for m in _bn_layers(model):
+                m.train()
         if calibration is None:
             for index, (x, _) in zip(batches, batch_loader(data, batches, num_workers)):
                 x = x.to(device)
@@ -104,11 +111,12 @@ def predict(model: nn.Module, data: MultiTaskDataset, batch_size: int = 256, dev
 
 def evaluate(model: nn.Module, data: MultiTaskDataset, config: TrainConfig | None = None,
              progress: bool = False, calibration: MultiTaskDataset | None = None) -> TaskMetrics:
-    """Per-task metrics of ``model`` on ``data``; with ``config.bn_eval == "per-task"``, BatchNorm
-    statistics re-estimated per task on ``calibration`` (the training data)."""
+    """Per-task metrics of ``model`` on ``data``, BatchNorm statistics as ``config.bn_eval`` says
+    (``recalibrate``: re-estimated per task on ``calibration``, the training data)."""
     config = config or TrainConfig()
-    if config.bn_eval == "per-task" and calibration is None:
-        raise ValueError('bn_eval="per-task" needs calibration data (the training split)')
+    if config.bn_eval == "recalibrate" and calibration is None:
+        raise ValueError('bn_eval="recalibrate" needs calibration data (the training split)')
     logits = predict(model, data, config.eval_batch_size, config.device, config.num_workers, progress,
-                     calibration if config.bn_eval == "per-task" else None, config.bn_batches, config.seed)
+                     calibration if config.bn_eval == "recalibrate" else None, config.bn_batches, config.seed,
+                     batch_stats=config.bn_eval == "batch")
     return binary_metrics(logits, data.targets, data.task_names, config.zero_division)

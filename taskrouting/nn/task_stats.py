@@ -1,0 +1,105 @@
+"""Per-task BatchNorm statistics (``task_stats=True``): the buffers, their update counts, the
+grouping of per-sample tasks, and the loading of state_dicts saved without them.
+
+Mixed into a BatchNorm-like module (``running_mean``, ``running_var``, ``num_batches_tracked``,
+``momentum``, ``masks``, ``num_tasks``). With σ < 1 each task's inputs to a layer differ, so a
+task keeps its own running statistics: ``task_running_mean``/``task_running_var`` ``[T, C]``
+and ``task_num_batches_tracked`` ``[T]`` (so ``momentum=None`` averages each task's own batches).
+The shared ``running_mean``/``running_var`` keep their ``nn.BatchNorm`` meaning.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+__all__ = ["TaskStats", "TASK_BUFFERS", "task_stats_from_shared"]
+
+TASK_BUFFERS = ("task_running_mean", "task_running_var", "task_num_batches_tracked")
+_SHARED = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def task_stats_from_shared(state_dict, num_tasks: int, prefix: str = "") -> dict:
+    """Per-task buffers for a state_dict saved without them: every task's row a copy of the shared stats."""
+    rows = {}
+    for key, source in zip(TASK_BUFFERS, _SHARED):
+        value = state_dict[prefix + source]
+        rows[prefix + key] = value.repeat(num_tasks) if value.dim() == 0 else value.repeat(num_tasks, 1)
+    return rows
+
+
+class TaskStats:
+    """Per-task running statistics for a BatchNorm-like module; see the module docstring."""
+
+    task_stats = False
+
+    def _init_task_stats(self, task_stats) -> None:
+        if not isinstance(task_stats, bool):
+            raise TypeError(f"task_stats must be a bool, got {type(task_stats).__name__}")
+        if task_stats and not self.track_running_stats:
+            raise ValueError("task_stats=True keeps per-task running statistics: it needs track_running_stats=True")
+        self.task_stats = task_stats
+        if task_stats:
+            rows = (self.num_tasks, 1)
+            self.register_buffer("task_running_mean", self.running_mean.detach().repeat(rows))
+            self.register_buffer("task_running_var", self.running_var.detach().repeat(rows))
+            self.register_buffer("task_num_batches_tracked",
+                                 self.num_batches_tracked.detach().repeat(self.num_tasks))
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        if self.task_stats:
+            self.task_running_mean.zero_()
+            self.task_running_var.fill_(1)
+            self.task_num_batches_tracked.zero_()
+
+    def _task_factor(self, task: int) -> float:
+        """Counts a training batch of ``task`` and returns its row's update factor (nn.BatchNorm's rule)."""
+        self.task_num_batches_tracked[task] += 1
+        if self.momentum is None:
+            return 1.0 / float(self.task_num_batches_tracked[task])
+        return self.momentum
+
+    def _task_rows(self, task: int):
+        """``task``'s running mean and variance: contiguous row views, updated in place."""
+        return self.task_running_mean[task], self.task_running_var[task]
+
+    @staticmethod
+    def _per_task_groups(task: torch.Tensor):
+        """Per-sample tasks as groups: the sample order that sorts them by task, and each present
+        task with its group size (a host sync: the group sizes decide the shapes)."""
+        order = task.argsort(stable=True)
+        tasks, counts = torch.unique_consecutive(task[order], return_counts=True)
+        return order, list(zip(tasks.tolist(), counts.tolist()))
+
+    @classmethod
+    def _grouped(cls, x: torch.Tensor, task: torch.Tensor, run) -> torch.Tensor:
+        """``run(x_group, t)`` on the samples of each present task ``t``, reassembled in x's order."""
+        if x.shape[0] == 0:
+            return x * 0
+        order, groups = cls._per_task_groups(task)
+        parts = x.index_select(0, order).split([n for _, n in groups])
+        y = torch.cat([run(part, t) for part, (t, _) in zip(parts, groups)])
+        return y.index_select(0, order.argsort())
+
+    @staticmethod
+    def _check_group_sizes(x: torch.Tensor, task: torch.Tensor) -> None:
+        """Training: every task group needs more than one value per channel (checked before any update)."""
+        per_sample = x[0].numel() // max(x.shape[1], 1) if x.shape[0] else 0
+        counts = torch.bincount(task)
+        if per_sample == 1 and bool(((counts == 1)).any()):
+            lonely = (counts == 1).nonzero().flatten()[:8].tolist()
+            raise ValueError(f"Expected more than 1 value per channel when training: with task_stats=True each "
+                             f"task's samples are normalised together, and task(s) {lonely} have a single "
+                             f"sample of input size {tuple(x.shape[1:])}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        keys = [prefix + name for name in TASK_BUFFERS]
+        shared = [prefix + name for name in _SHARED]
+        if self.task_stats and not any(k in state_dict for k in keys) and all(k in state_dict for k in shared):
+            warnings.warn(f"{prefix or 'module '}state_dict has no per-task statistics (saved without "
+                          f"task_stats): every task starts from the shared running statistics", stacklevel=2)
+            state_dict.update(task_stats_from_shared(state_dict, self.num_tasks, prefix))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
