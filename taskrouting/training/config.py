@@ -11,8 +11,8 @@ from torch import nn
 
 from .batches import TASK_SAMPLING
 
-__all__ = ["TrainConfig", "ConfigError", "ModelBuildError", "MODELS", "BN_EVAL", "BN_EVAL_ALIASES", "SEED_LIMIT", "build_model",
-           "seed_everything"]
+__all__ = ["TrainConfig", "ConfigError", "ModelBuildError", "MODELS", "BN_EVAL", "BN_EVAL_ALIASES", "SEED_LIMIT",
+           "build_model", "seed_everything"]
 
 # BatchNorm statistics at evaluation (training/evaluation.py): what the layers hold (plain model.eval()),
 # re-estimated per task on training batches, or the evaluation batch's own.
