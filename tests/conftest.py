@@ -56,8 +56,18 @@ def _selected() -> list[Target]:
     return [t for t in TARGETS.values() if t.why_not() is None]
 
 
+def _parametrizes_backend_itself(metafunc) -> bool:
+    """A test that lists its own ``backend`` values (``@pytest.mark.parametrize("backend", ...)``)."""
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0] if mark.args else mark.kwargs.get("argnames", "")
+        names = names.split(",") if isinstance(names, str) else list(names)
+        if "backend" in (n.strip() for n in names):
+            return True
+    return False
+
+
 def pytest_generate_tests(metafunc):
-    if "backend" not in metafunc.fixturenames:
+    if "backend" not in metafunc.fixturenames or _parametrizes_backend_itself(metafunc):
         return
     marker = metafunc.definition.get_closest_marker("backends")
     targets = [t for t in _selected() if marker is None or t.backend in marker.args]
