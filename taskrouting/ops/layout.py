@@ -1,7 +1,7 @@
 """The memory layout every backend computes in and returns, one rule for kernels and fake kernels alike.
 
-The kernels run on two dense layouts: NCHW-contiguous, and channels-last (C innermost, any rank
-of 3 or more). An input in neither (a permuted-dense view such as ``x.transpose(2, 3)``, or a
+The kernels run on two dense layouts: NCHW-contiguous, and channels-last (C innermost, 4-D and
+5-D). An input in neither (a permuted-dense view such as ``x.transpose(2, 3)``, or a
 non-dense view) is copied once to contiguous, and the outputs are allocated like the tensor the
 kernels read. The fake kernels must return those strides exactly: inductor asserts them, and
 allocating outputs in x's own permuted layout instead would cost an extra pass.
@@ -14,8 +14,10 @@ __all__ = ["is_channels_last_dense", "in_kernel_layout", "kernel_input", "empty_
 
 
 def is_channels_last_dense(x: torch.Tensor) -> bool:
-    """Dense with the channels innermost (channels_last, channels_last_3d, or ``[N, L, C]``-major 3-D)."""
-    return x.dim() >= 3 and x.movedim(1, -1).is_contiguous()
+    """channels_last (4-D) or channels_last_3d (5-D) and not also contiguous: the compiled kernels'
+    rows layout (``csrc/bn_relu_route_checks.h: layout_of``). A 3-D ``[N, L, C]``-major input is
+    copied to contiguous, like any other layout."""
+    return x.dim() in (4, 5) and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
 
 
 def in_kernel_layout(x: torch.Tensor) -> bool:

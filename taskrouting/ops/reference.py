@@ -109,13 +109,14 @@ def bn_relu_route_reference(x, route, weight=None, bias=None, running_mean=None,
                             training=True, momentum=0.1, eps=1e-5, routed_stats=False):
     """``relu(batch_norm(x)) * route``, exactly 0 on masked channels (NaN and inf in ``x`` included);
     updates the running stats in place when training."""
+    strides = output_strides(x)
     x = _GradInKernelLayout.apply(x)
     x, weight, bias = _cut_unrouted(route, x, weight, bias)
     if training and routed_stats:
         y = _routed_batch_norm(x, route, weight, bias, running_mean, running_var, momentum, eps)
     else:
         y = _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    return _restride(route_select(F.relu(y), route), output_strides(x))
+    return _restride(route_select(F.relu(y), route), strides)
 
 
 def _restride(t: torch.Tensor, strides) -> torch.Tensor:
