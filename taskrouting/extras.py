@@ -11,10 +11,15 @@ class MissingExtraError(ImportError):
     """An optional dependency is not installed; the message says which ``pip install`` brings it."""
 
 
+# The distribution that provides a module, where the names differ.
+_PACKAGES = {"PIL": "Pillow", "sklearn": "scikit-learn"}
+
+
 def require(module: str, extra: str, purpose: str) -> ModuleType:
     """``import module``, or a MissingExtraError saying that ``purpose`` needs ``taskrouting[extra]``."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise MissingExtraError(f"{purpose} needs {module.split('.')[0]}, which is not installed: "
+        top = module.split(".")[0]
+        raise MissingExtraError(f"{purpose} needs {_PACKAGES.get(top, top)}, which is not installed: "
                                 f"pip install 'taskrouting[{extra}]'") from exc

@@ -193,7 +193,7 @@ def test_zappos_malformed_and_missing(tmp_path):
 def test_missing_pillow_is_a_clear_error(tmp_path, monkeypatch):
     data = load_dataset("zappos", make_zappos(tmp_path))
     monkeypatch.setitem(sys.modules, "PIL.Image", None)
-    with pytest.raises(ImportError, match="pip install pillow"):
+    with pytest.raises(ImportError, match=r"needs Pillow.*pip install 'taskrouting\[images\]'"):
         data.get_batch([0])
 
 
