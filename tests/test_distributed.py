@@ -19,6 +19,7 @@ from torch import nn
 
 import taskrouting as tr
 from taskrouting.nn.bn_relu_route import BATCH_NORMS
+from taskrouting.training.checkpoints import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -223,6 +224,6 @@ def test_torchrun_training_equals_one_process(tmp_path):
     assert two["history"][1]["loss"] == pytest.approx(one["history"][1]["loss"], rel=5e-2)
     for key in ("accuracy",):
         assert two["means"][key] == pytest.approx(one["means"][key], abs=0.02), key
-    state_one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
-    state_two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["model"]
+    state_one = read_checkpoint(tmp_path / "one" / "checkpoint.pt")["model"]
+    state_two = read_checkpoint(tmp_path / "two" / "checkpoint.pt")["model"]
     assert {k: v.shape for k, v in state_two.items()} == {k: v.shape for k, v in state_one.items()}
