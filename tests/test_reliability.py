@@ -77,11 +77,7 @@ def test_double_backward_matches_reference(backend, training, task):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_masked_channel_is_zero_whatever_x_holds(backend, training, bad, request):
-    if backend == "cpu" and training:
-        # Known gap: the CPU backward writes grad_weight = sum_dy_xmu * invstd for an unused channel,
-        # 0 * NaN when its batch statistics are non-finite (csrc/cpu; needs a kernel change).
-        request.applymarker(pytest.mark.xfail(strict=True, reason="CPU kernel: grad_weight NaN on a masked channel"))
+def test_masked_channel_is_zero_whatever_x_holds(backend, training, bad):
     torch.manual_seed(0)
     x = torch.randn(4, 3, 2, 2)
     x[:, 1] = bad  # channel 1 is masked for task 0
