@@ -134,6 +134,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                             "(per-task and running: old names of recalibrate and stored)")
     train.add_argument("--bn-batches", type=int, default=d.bn_batches,
                        help="training batches per task for --bn-eval recalibrate")
+    train.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                       help="mixed precision: autocast to bf16 (CPU and CUDA) or fp16 (with loss scaling)")
+    train.add_argument("--channels-last", action="store_true",
+                       help="model and inputs in channels_last memory format")
     train.add_argument("--task-sampling", choices=TASK_SAMPLING, default=d.task_sampling,
                        help="task of each batch: drawn uniformly (default, the paper) or round-robin over tasks")
     train.add_argument("--val-fraction", type=float, default=d.val_fraction,
@@ -203,7 +207,7 @@ def _config(args):
                            eval_split=args.eval_split, eval_batch_size=args.eval_batch_size, num_workers=args.workers,
                            device=args.device, bn_eval=args.bn_eval, bn_batches=args.bn_batches,
                            task_sampling=args.task_sampling, val_fraction=args.val_fraction,
-                           eval_every=args.eval_every)
+                           eval_every=args.eval_every, amp=args.amp, channels_last=args.channels_last)
     except ConfigError as exc:
         flag = _FLAGS.get(exc.field, "--" + exc.field.replace("_", "-"))
         raise UsageError(f"taskrouting {args.command}: error: argument {flag}: {exc}") from None

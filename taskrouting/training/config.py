@@ -58,6 +58,8 @@ class TrainConfig:
     task_sampling: str = "uniform"  # or "round-robin" (taskrouting.training.batches.epoch_plan)
     val_fraction: float = 0.0  # > 0: hold out this much of train, keep the best epoch (training.selection)
     eval_every: int = 1  # with val_fraction: evaluate on the held-out part every this many epochs
+    amp: str | None = None  # "bf16" or "fp16": autocast in training and evaluation (training.precision)
+    channels_last: bool = False  # model and inputs in channels_last memory format
 
     def __post_init__(self):
         self.bn_eval = BN_EVAL_ALIASES.get(self.bn_eval, self.bn_eval)
@@ -76,6 +78,10 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or not ok(value):
                 raise ConfigError(name, f"must be a finite number {rule}, got {value!r}")
+        if self.amp not in (None, "bf16", "fp16"):
+            raise ConfigError("amp", f"must be bf16, fp16 or None, got {self.amp!r}")
+        if not isinstance(self.channels_last, bool):
+            raise ConfigError("channels_last", f"must be a bool, got {self.channels_last!r}")
         if self.task_sampling not in TASK_SAMPLING:
             raise ConfigError("task_sampling", f"must be one of {', '.join(TASK_SAMPLING)}, got {self.task_sampling!r}")
         if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) \

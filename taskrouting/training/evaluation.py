@@ -24,6 +24,7 @@ from ..nn.bn_relu_route import BATCH_NORMS
 from .batches import batch_loader, progress_bar
 from .config import TrainConfig
 from .metrics import TaskMetrics, binary_metrics
+from .precision import autocast
 
 __all__ = ["recalibrate_bn", "predict", "evaluate"]
 
@@ -116,7 +117,8 @@ def evaluate(model: nn.Module, data: MultiTaskDataset, config: TrainConfig | Non
     config = config or TrainConfig()
     if config.bn_eval == "recalibrate" and calibration is None:
         raise ValueError('bn_eval="recalibrate" needs calibration data (the training split)')
-    logits = predict(model, data, config.eval_batch_size, config.device, config.num_workers, progress,
-                     calibration if config.bn_eval == "recalibrate" else None, config.bn_batches, config.seed,
-                     batch_stats=config.bn_eval == "batch")
+    with autocast(config.amp, config.device):
+        logits = predict(model, data, config.eval_batch_size, config.device, config.num_workers, progress,
+                         calibration if config.bn_eval == "recalibrate" else None, config.bn_batches, config.seed,
+                         batch_stats=config.bn_eval == "batch")
     return binary_metrics(logits, data.targets, data.task_names, config.zero_division)

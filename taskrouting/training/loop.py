@@ -25,6 +25,7 @@ from .checkpoints import CHECKPOINT, load_checkpoint, non_finite_parameters, sav
 from .config import ModelBuildError, TrainConfig, build_model, seed_everything
 from .evaluation import evaluate
 from .metrics import majority_baseline
+from .precision import autocast, grad_scaler, in_layout, model_in_layout
 from .results import write_results
 from .selection import SELECT_SPLIT, BestEpoch, with_holdout
 
@@ -56,9 +57,11 @@ def _split(dataset: MultiTaskDataset, name: str, least: int) -> MultiTaskDataset
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: MultiTaskDataset, epoch: int,
-                config: TrainConfig, progress: bool = True) -> dict:
-    """One epoch of Algorithm 1 over ``data``; returns mean loss, samples, seconds, samples/s."""
+                config: TrainConfig, progress: bool = True, scaler: torch.amp.GradScaler | None = None) -> dict:
+    """One epoch of Algorithm 1 over ``data``; returns mean loss, samples, seconds, samples/s.
+    ``scaler``: the fp16 loss scaler carried across epochs (made here when None)."""
     model.train()
+    scaler = scaler if scaler is not None else grad_scaler(config.amp, config.device)
     batches, tasks, flips = epoch_plan(len(data), data.num_tasks, config.batch_size, config.seed, epoch,
                                        config.task_sampling)
     part = distributed.shard(batches, flips)  # this process's samples of each batch under torchrun, else None
@@ -74,15 +77,17 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: MultiT
             if target.numel() < 2:  # missing labels left fewer than BatchNorm needs: skip the step
                 bar.update()
                 continue
-            x, target = x.to(config.device), target.to(config.device)
+            x, target = in_layout(x.to(config.device), config.channels_last), target.to(config.device)
             set_active_task(model, task)
-            logits = model(x)
+            with autocast(config.amp, config.device):
+                logits = model(x).float()
             loss = F.binary_cross_entropy_with_logits(logits, target) if part is None else part.loss(logits, target, k)
             value = float(loss.detach())
             _check_loss(value, epoch, k, task, config)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             total_loss += value * (x.shape[0] if part is None else part.loss_weight(k))
             samples += x.shape[0]
             rate = samples / max(time.perf_counter() - start, 1e-9)
@@ -111,13 +116,14 @@ def fit(model: nn.Module, dataset: MultiTaskDataset, config: TrainConfig, out=No
         dataset = with_holdout(dataset, config.val_fraction, config.seed)
     train_data, eval_data = _split(dataset, "train", 2), _split(dataset, config.eval_split, 1)
     selection = BestEpoch(dataset.split(SELECT_SPLIT), train_data, config) if config.val_fraction else None
-    model.to(config.device)
+    model_in_layout(model.to(config.device), config.channels_last)
     trained = distributed.prepare_model(model, config)  # DDP with synced BatchNorm under torchrun, else model
     if not distributed.is_main():
         log, progress = (lambda *args, **kwargs: None), False
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     start_epoch, history = 0, []
+    scaler = grad_scaler(config.amp, config.device)
     run = _run_settings(dataset, config, info)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +133,7 @@ def fit(model: nn.Module, dataset: MultiTaskDataset, config: TrainConfig, out=No
             if selection is not None:
                 selection.load(out / CHECKPOINT)
     for epoch in range(start_epoch, config.epochs):
-        history.append(train_epoch(trained, optimizer, train_data, epoch, config, progress))
+        history.append(train_epoch(trained, optimizer, train_data, epoch, config, progress, scaler))
         h = history[-1]
         if selection is not None:
             selection.observe(model, epoch + 1, h)
