@@ -145,10 +145,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_route_backward_cpu(
     if (!needed || !param.has_value() || !param->defined()) return empty_grad(in.p.x);
     return value.to(param->scalar_type());
   };
-  // A channel no sample uses gets exactly 0, also when its statistics are not finite (0 * NaN otherwise).
-  const Tensor used = route.dim() == 1 ? route : route.any(0);
-  const Tensor grad_w = at::where(used, sum_dy_xmu * in.invstd, at::zeros_like(sum_dy_xmu));
-  return {dx, param_grad(weight, grad_w, output_mask[1]), param_grad(bias, sum_dy, output_mask[2])};
+  return {dx, param_grad(weight, grad_weight_of(route, sum_dy_xmu, in.invstd), output_mask[1]),
+          param_grad(bias, sum_dy, output_mask[2])};
 }
 
 void update_running_stats_cpu(Tensor& running_mean, Tensor& running_var, const Tensor& mean_in,
