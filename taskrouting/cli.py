@@ -115,6 +115,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     model.add_argument("--stats", choices=("batch", "routed"), default="batch")
     model.add_argument("--unfused", action="store_true", help="BatchNorm2d -> ReLU -> TaskRouter, not the fused op")
     model.add_argument("--backend", default="auto", help="fused op backend (auto, reference, cpu, cuda, triton)")
+    model.add_argument("--no-task-stats", dest="task_stats", action="store_false",
+                       help="one set of BatchNorm running statistics for all tasks (default: one per task, so that "
+                            "--bn-eval stored fits each task)")
     train = p.add_argument_group("training (defaults: the paper's)")
     train.add_argument("--epochs", type=int, default=d.epochs)
     train.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -188,7 +191,8 @@ def _bench(argv: list[str]) -> int:
 
 
 def _model_kwargs(args) -> dict:
-    kwargs = {"width_mult": args.width_mult, "stats": args.stats, "fused": not args.unfused, "backend": args.backend}
+    kwargs = {"width_mult": args.width_mult, "stats": args.stats, "fused": not args.unfused, "backend": args.backend,
+              "task_stats": args.task_stats}
     for name in ("pool_size", "embedding_dim"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)

@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from test_models import build, image, randomize
 from torch import nn
 
+import taskrouting as tr
 from taskrouting import ops
 from taskrouting.data import load_dataset
 from taskrouting.models import ReferenceBNReLURoute2d, extract_subnetwork
 from taskrouting.nn import BNReLURoute1d, BNReLURoute2d, BNReLURoute3d, fuse, make_masks
+from taskrouting.nn.task_stats import TASK_BUFFERS
 from taskrouting.training import TrainConfig, predict
 from taskrouting.training.evaluation import evaluate
 
@@ -220,14 +222,21 @@ def _layer(backend, momentum=0.1, tasks=3, c=6):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_one_task_per_batch_rows_equal_a_batchnorm_per_task(backend, momentum):
+    """Each row is an nn.BatchNorm that saw only its task's batches, moving by 1 - (1 - m)**g for a
+    task last seen g batches ago (momentum=None: the plain average of its own batches)."""
     layer = _layer(backend, momentum)
     per_task = [nn.BatchNorm2d(6, momentum=momentum) for _ in range(3)]
     shared = nn.BatchNorm2d(6, momentum=momentum)
     g = torch.Generator().manual_seed(0)
-    for t in (0, 1, 0, 2, 0):
+    last = [0, 0, 0]
+    for batch, t in enumerate((0, 1, 0, 2, 0, 0), start=1):
+        if momentum is not None:
+            per_task[t].momentum = 1 - (1 - momentum) ** (batch - last[t])  # gaps 1, 2, 2, 4, 2, 1
+        last[t] = batch
         x = torch.randn(4, 6, 3, 3, generator=g) * (t + 1) + t
         torch.testing.assert_close(layer(x, task=t), F.relu(per_task[t](x)) * layer.masks[t].view(1, -1, 1, 1))
         shared(x)
+    assert layer.task_last_batch.tolist() == last
     for t in range(3):
         torch.testing.assert_close(layer.task_running_mean[t], per_task[t].running_mean)
         torch.testing.assert_close(layer.task_running_var[t], per_task[t].running_var)
@@ -238,6 +247,18 @@ def test_one_task_per_batch_rows_equal_a_batchnorm_per_task(backend, momentum):
     x = torch.randn(5, 6, 3, 3, generator=g)
     for t in range(3):
         torch.testing.assert_close(layer(x, task=t), F.relu(per_task[t](x)) * layer.masks[t].view(1, -1, 1, 1))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_device_side_task_factors_equal_the_host_ones(momentum):
+    """The factors a GPU computes on the device (no host read) are the CPU's, here run on the CPU."""
+    host, device = _layer("reference", momentum), _layer("reference", momentum)
+    device._task_factor = device._device_task_factor
+    g = torch.Generator().manual_seed(1)
+    for t in (0, 2, 2, 1, 0, 2):
+        x = torch.randn(4, 6, 3, 3, generator=g) + t
+        torch.testing.assert_close(device(x, task=t), host(x, task=t))
+    torch.testing.assert_close(device.state_dict(), host.state_dict())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -291,7 +312,9 @@ def test_task_stats_state_dict_round_trip_and_old_checkpoints_load():
     layer = _layer("reference")
     for t in (0, 1, 2, 1):
         layer(torch.randn(4, 6, 3, 3) + t, task=t)
-    assert {"task_running_mean", "task_running_var", "task_num_batches_tracked"} <= set(layer.state_dict())
+    assert set(TASK_BUFFERS) == {"task_running_mean", "task_running_var", "task_num_batches_tracked",
+                                 "task_last_batch"}
+    assert set(TASK_BUFFERS) <= set(layer.state_dict())
     buffer = io.BytesIO()
     torch.save(layer.state_dict(), buffer)
     buffer.seek(0)
@@ -307,6 +330,12 @@ def test_task_stats_state_dict_round_trip_and_old_checkpoints_load():
         torch.testing.assert_close(fresh.task_running_mean[t], old.running_mean)
         torch.testing.assert_close(fresh.task_running_var[t], old.running_var)
     assert fresh.task_num_batches_tracked.tolist() == [1, 1, 1]
+    assert fresh.task_last_batch.tolist() == [1, 1, 1]
+    saved = layer.state_dict()  # saved with task_stats, before task_last_batch existed
+    del saved["task_last_batch"]
+    again = _layer("reference")
+    again.load_state_dict(saved)
+    assert again.task_last_batch.tolist() == [4, 4, 4]  # every row as recent as the last batch
 
 
 def _train_a_little(model, steps=6):
@@ -330,10 +359,44 @@ def test_models_keep_task_stats_and_the_subnetwork_folds_them(fused):
         torch.testing.assert_close(sub(x), model(x, task=task), rtol=1e-4, atol=1e-5)
 
 
-def test_models_have_task_stats_off_by_default():
+def test_models_keep_task_stats_by_default_and_resnet_in_its_unrouted_batchnorms_too():
+    from taskrouting.models import resnet50
+    from taskrouting.nn import TaskBatchNorm2d
+
     model = build("vgg11_bn")
-    assert not any(getattr(m, "task_stats", False) for m in model.modules())
-    assert not any("task_running" in k for k in model.state_dict())
+    assert sum(getattr(m, "task_stats", False) for m in model.modules()) == 8
+    assert not any(getattr(m, "task_stats", False) for m in build("vgg11_bn", task_stats=False).modules())
+    resnet = resnet50(3, width_mult=1 / 16)
+    block = resnet.layer1[0]
+    assert type(block.bn3) is TaskBatchNorm2d and type(block.downsample[1]) is TaskBatchNorm2d
+    assert all(getattr(m, "task_stats", True) for m in resnet.modules() if isinstance(m, nn.BatchNorm2d))
+    plain = resnet50(3, width_mult=1 / 16, task_stats=False)
+    assert type(plain.layer1[0].bn3) is nn.BatchNorm2d  # the same state_dict as before task_stats
+    assert set(plain.state_dict()) == {k for k in resnet.state_dict() if not k.rsplit(".", 1)[-1].startswith("task_")}
+
+
+def test_task_batch_norm_rows_and_eval_equal_a_batchnorm_per_task():
+    from taskrouting.nn import TaskBatchNorm2d
+
+    layer = TaskBatchNorm2d(5, num_tasks=2)
+    per_task, shared = [nn.BatchNorm2d(5) for _ in range(2)], nn.BatchNorm2d(5)
+    g = torch.Generator().manual_seed(2)
+    last = [0, 0]
+    for batch, t in enumerate((0, 0, 1, 0), start=1):  # gaps 1, 1, 3 (task 1 first seen), 2
+        per_task[t].momentum, last[t] = 1 - 0.9 ** (batch - last[t]), batch
+        x = torch.randn(4, 5, 3, 3, generator=g) * (t + 1)
+        torch.testing.assert_close(layer.set_active_task(t)(x), per_task[t](x))
+        shared(x)
+    torch.testing.assert_close(layer.running_var, shared.running_var)
+    for t in range(2):
+        torch.testing.assert_close(layer.task_running_var[t], per_task[t].running_var)
+        torch.testing.assert_close(layer.task_running_mean[t], per_task[t].running_mean)
+    layer.eval(), [m.eval() for m in per_task]
+    x = torch.randn(4, 5, 3, 3, generator=g)
+    torch.testing.assert_close(layer(x, task=torch.tensor([1, 0, 0, 1])),
+                               torch.stack([per_task[t](x[i:i + 1])[0] for i, t in enumerate([1, 0, 0, 1])]))
+    with pytest.raises(TypeError, match="cannot synchronise TaskBatchNorm2d"):
+        tr.convert_sync_batchnorm(nn.Sequential(layer))
 
 
 # ----------------------------------------------------------------------------- --bn-eval modes
@@ -355,7 +418,7 @@ def _train_a_little_on(model, data):
 
 
 def test_bn_eval_names_and_aliases():
-    assert TrainConfig().bn_eval == "recalibrate"  # stored fell to the majority class on digits
+    assert TrainConfig().bn_eval == "stored"  # plain model.eval(): each task's own statistics
     assert TrainConfig(bn_eval="per-task").bn_eval == "recalibrate"
     assert TrainConfig(bn_eval="running").bn_eval == "stored"
     with pytest.raises(ValueError, match="bn_eval must be one of stored, recalibrate, batch"):

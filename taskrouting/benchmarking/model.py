@@ -1,6 +1,7 @@
 """One SGD training step of a routed VGG-11 (``taskrouting.models.vgg11_bn``).
 
-Variants: ``fused:<backend>`` (fused routed BatchNorms forced to one backend), ``reference``
+Variants: ``fused:<backend>`` (fused routed BatchNorms forced to one backend),
+``fused:<backend>+task_stats`` (the same with per-task statistics, for the first backend), ``reference``
 (``fused=False``: BatchNorm2d → ReLU → route, unfused) and ``plain`` (the same network with
 every routed BatchNorm replaced by ``BatchNorm2d → ReLU`` and every ``TaskRouter`` by
 ``Identity``: VGG-11 without routing, same heads). A step cycles to the next task (as in
@@ -19,11 +20,19 @@ from ..nn.bn_relu_route import BATCH_NORMS
 from .cases import ModelSettings
 from .variants import Skip, Step, task_order
 
-__all__ = ["model_variants", "strip_routing", "model_step", "load_vgg11_bn"]
+__all__ = ["model_variants", "base_variant", "strip_routing", "model_step", "load_vgg11_bn"]
+
+
+TASK_STATS = "+task_stats"
 
 
 def model_variants(backends: list[str]) -> list[str]:
-    return [f"fused:{b}" for b in backends] + ["reference", "plain"]
+    return [f"fused:{b}" for b in backends] + [f"fused:{b}{TASK_STATS}" for b in backends[:1]] + ["reference", "plain"]
+
+
+def base_variant(variant: str) -> str | None:
+    """The variant a ``+task_stats`` one is compared with (the same without per-task statistics)."""
+    return variant.removesuffix(TASK_STATS) if variant.endswith(TASK_STATS) else None
 
 
 def load_vgg11_bn():
@@ -69,7 +78,9 @@ def _build(variant: str, settings: ModelSettings, seed: int) -> nn.Module:
     kwargs = dict(sharing_ratio=settings.sharing_ratio, seed=seed, width_mult=settings.width_mult,
                   pool_size=settings.pool_size)
     if variant.startswith("fused:"):
-        return vgg11_bn(settings.num_tasks, fused=True, backend=variant.removeprefix("fused:"), **kwargs)
+        backend = variant.removeprefix("fused:").removesuffix(TASK_STATS)
+        return vgg11_bn(settings.num_tasks, fused=True, backend=backend, task_stats=variant.endswith(TASK_STATS),
+                        **kwargs)
     model = vgg11_bn(settings.num_tasks, fused=False, **kwargs)
     return strip_routing(model) if variant == "plain" else model
 
@@ -94,4 +105,4 @@ def model_step(variant: str, settings: ModelSettings, device, seed: int = 0) -> 
         return loss
 
     return Step(("model", variant), variant, train_step, bytes_moved=0, active_fraction=settings.sharing_ratio,
-                compiles=variant == "fused:triton", module=model)
+                compiles=variant.startswith("fused:triton"), module=model)

@@ -18,7 +18,7 @@ _LEGEND = ("times: median [q1-q3] of interleaved repeats, per call; GB/s: bytes 
            "median (taskrouting/benchmarking/traffic.py); %copy: that bandwidth / y.copy_(x) of the "
            "same tensor; xref, xcomp, xplain, xbase: median of repeat-by-repeat time ratios to the "
            "reference, the compiled reference, plain BN+ReLU, and the same variant at the sweep's "
-           "baseline (T=1 / largest sigma); < 1 is faster")
+           "baseline (T=1 / largest sigma; train step: the variant without +task_stats); < 1 is faster")
 
 
 def _num(value, fmt: str, missing: str = "-") -> str:

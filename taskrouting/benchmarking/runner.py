@@ -21,7 +21,7 @@ import torch
 from .allocator import keep_freed_memory
 from .cases import Case, Settings, Sweep, build_sweeps, shape_label
 from .environment import environment
-from .model import model_step, model_variants
+from .model import base_variant, model_step, model_variants
 from .timing import calibrate, first_call, interleaved, make_timer, paired_ratio, peak_memory, summarize
 from .variants import (
     Inputs,
@@ -204,6 +204,10 @@ def run_model(settings: Settings, backends: list[str], timer) -> list[dict]:
         row.update(_timing_fields(m, None))
         for other in ("reference", "plain"):
             row.update(_ratio_fields(other, m, measured.get(other)))
+        base = base_variant(variant)
+        if base is not None:  # the cost of the per-task statistics: the same step without them
+            row["baseline"] = base
+            row.update(_ratio_fields("baseline", m, measured.get(base)))
         rows.append(row)
     return rows
 

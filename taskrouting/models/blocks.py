@@ -1,6 +1,7 @@
 """Pieces shared by the routed models: the routed BatchNorm layers, per-layer masks, the base net."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -10,67 +11,54 @@ from torch import nn
 
 from ..nn.bn_relu_route import BATCH_NORMS, BNReLURoute2d
 from ..nn.masks import check_masks, check_seed, check_sharing_ratio, make_masks
-from ..nn.router import TaskConditioned, TaskRouter, active_task
-from ..nn.state import CheckedStateLoad
-from ..nn.task_stats import TaskStats
+from ..nn.router import TaskRouter, active_task
+from ..nn.task_batch_norm import TaskBatchNorm2d
 from ..ops.checks import check_positive_int
+from ..ops.recompute import note_pooled, recompute_outputs, recomputing
 from ..ops.reference import route_select
-from ..ops.route import check_task_ids, select_route
+from ..ops.route import select_route
 from .heads import TaskHeads
 
-__all__ = ["ReferenceBNReLURoute2d", "ROUTED_BN", "Routing", "RoutedNet", "init_weights"]
+__all__ = ["ReferenceBNReLURoute2d", "ROUTED_BN", "RecomputableMaxPool2d", "Routing", "RoutedNet", "init_weights"]
 
 
-class ReferenceBNReLURoute2d(CheckedStateLoad, TaskStats, nn.BatchNorm2d, TaskConditioned):
+class ReferenceBNReLURoute2d(TaskBatchNorm2d):
     """Unfused ``BatchNorm2d → ReLU → TaskRouter`` (``nn.BatchNorm2d``'s own forward, ``F.relu``,
     then the mask), with the same parameters, buffers and state_dict keys as ``BNReLURoute2d``.
     ``task_stats=True``: the same per-task statistics, each task's samples through ``F.batch_norm``
     with its own row (and the shared stats updated by ``nn.BatchNorm2d``'s forward)."""
 
     def __init__(self, num_features: int, *, masks: torch.Tensor, sharing_ratio: float, task_stats: bool = False):
-        super().__init__(check_positive_int(num_features, "num_features"))
+        masks = check_masks(masks, check_positive_int(num_features, "num_features"))
+        super().__init__(num_features, num_tasks=masks.shape[0], task_stats=task_stats)
         self.sharing_ratio = check_sharing_ratio(sharing_ratio)
-        masks = check_masks(masks, num_features)
-        self.num_tasks = masks.shape[0]
         self.register_buffer("masks", masks.clone())
-        self.active_task = None
-        self._init_task_stats(task_stats)
 
     def forward(self, x: torch.Tensor, task=None) -> torch.Tensor:
-        # Checked first so that a bad input or task fails before the running stats are updated.
-        self._check_input_dim(x)
-        if x.shape[1] != self.num_features:
-            raise ValueError(f"x has {x.shape[1]} channels (dim 1) but the layer has {self.num_features}")
         task = self.active_task if task is None else task
+        # Selected first so that a bad task fails before the running stats are updated.
+        self._check_input_dim(x)
         route = select_route(self.masks, task, x.shape[0], x.device)
-        if self.task_stats:
-            y = self._task_batch_norm(x, check_task_ids(task, self.num_tasks, x.shape[0], x.device))
-        else:
-            y = super().forward(x)
-        return route_select(F.relu(y), route)
-
-    def _task_batch_norm(self, x: torch.Tensor, task) -> torch.Tensor:
-        if isinstance(task, torch.Tensor) and task.dim() == 0:
-            task = int(task)
-        if isinstance(task, torch.Tensor) and self.training:
-            self._check_group_sizes(x, task)
-        if self.training:
-            with torch.no_grad():
-                super().forward(x)  # the shared statistics, as nn.BatchNorm2d keeps them
-        if isinstance(task, int):
-            return self._one_task_batch_norm(x, task)
-        return self._grouped(x, task, self._one_task_batch_norm)
-
-    def _one_task_batch_norm(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        mean, var = self._task_rows(task)
-        factor = self._task_factor(task) if self.training else 0.0
-        return F.batch_norm(x, mean, var, self.weight, self.bias, self.training, factor, self.eps)
+        return route_select(F.relu(super().forward(x, task)), route)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, num_tasks={self.num_tasks}, sharing_ratio={self.sharing_ratio}"
+        return f"{super().extra_repr()}, sharing_ratio={self.sharing_ratio}"
 
 
 ROUTED_BN = (BNReLURoute2d, ReferenceBNReLURoute2d)
+
+
+class RecomputableMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` whose output, in a ``memory_efficient`` model, is rebuilt in backward from its
+    input's recipe and its indices (``ops/recompute.py``) instead of kept by the next convolution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (recomputing() and torch.is_grad_enabled()) or self.return_indices:
+            return super().forward(x)
+        out, indices = F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation,
+                                    ceil_mode=self.ceil_mode, return_indices=True)
+        note_pooled(out, x, indices)
+        return out
 
 
 class Routing:
@@ -78,7 +66,7 @@ class Routing:
     generator seeded by ``seed`` (torch's global RNG when ``seed`` is None)."""
 
     def __init__(self, num_tasks: int, sharing_ratio: float = 0.5, seed: int | None = None,
-                 stats: str = "batch", fused: bool = True, backend: str = "auto", task_stats: bool = False):
+                 stats: str = "batch", fused: bool = True, backend: str = "auto", task_stats: bool = True):
         if stats not in ("batch", "routed"):
             raise ValueError(f"stats must be 'batch' or 'routed', got {stats!r}")
         if not isinstance(fused, bool):
@@ -107,6 +95,13 @@ class Routing:
         return ReferenceBNReLURoute2d(num_channels, masks=masks, sharing_ratio=self.sharing_ratio,
                                       task_stats=self.task_stats)
 
+    def batch_norm(self, num_channels: int) -> nn.Module:
+        """An unrouted BatchNorm2d (a ResNet's ``bn3`` and shortcut): with ``task_stats``, a
+        ``TaskBatchNorm2d`` (its input differs by task too), else ``nn.BatchNorm2d``."""
+        if self.task_stats:
+            return TaskBatchNorm2d(num_channels, num_tasks=self.num_tasks)
+        return nn.BatchNorm2d(num_channels)
+
     def router(self, num_channels: int) -> TaskRouter:
         return TaskRouter(num_channels, masks=self.masks(num_channels), sharing_ratio=self.sharing_ratio)
 
@@ -128,11 +123,16 @@ class RoutedNet(nn.Module):
     ``heads``: one logit per sample ``[N]`` for the active task.
 
     ``model(x)`` uses the task set by ``set_active_task(model, task)``; ``model(x, task=t)``
-    sets ``t`` for this call only.
+    sets ``t`` for this call only. ``memory_efficient``: the fused layers' outputs are not kept for
+    backward where the next layer saves them, but rebuilt there from the layer's input and
+    per-channel statistics (``ops/recompute.py``): fewer saved activations, the same gradients.
     """
 
-    def __init__(self, in_channels: int, width_mult: float, pool_size: int):
+    def __init__(self, in_channels: int, width_mult: float, pool_size: int, memory_efficient: bool = False):
         super().__init__()
+        if not isinstance(memory_efficient, bool):
+            raise TypeError(f"memory_efficient must be a bool, got {type(memory_efficient).__name__}")
+        self.memory_efficient = memory_efficient
         self.in_channels = check_positive_int(in_channels, "in_channels")
         if isinstance(width_mult, bool) or not isinstance(width_mult, numbers.Real):
             raise TypeError(f"width_mult must be a number, got {type(width_mult).__name__}")
@@ -165,6 +165,7 @@ class RoutedNet(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be [N, {self.in_channels}, H, W], got {shape}")
-        for module in self.trunk():
-            x = module(x)
+        with recompute_outputs() if self.memory_efficient and torch.is_grad_enabled() else contextlib.nullcontext():
+            for module in self.trunk():
+                x = module(x)
         return self.heads(torch.flatten(x, 1))

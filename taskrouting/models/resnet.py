@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import RoutedNet, Routing
+from .blocks import RecomputableMaxPool2d, RoutedNet, Routing
 
 __all__ = ["Bottleneck", "RoutedResNet", "resnet50"]
 
@@ -23,12 +23,12 @@ class Bottleneck(nn.Module):
         self.conv2 = nn.Conv2d(width, width, kernel_size=3, stride=stride, padding=1, bias=False)
         self.bn2 = routing.bn_relu_route(width)
         self.conv3 = nn.Conv2d(width, out_channels, kernel_size=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.bn3 = routing.batch_norm(out_channels)
         self.downsample = None
         if stride != 1 or in_channels != out_channels:
             self.downsample = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels))
+                routing.batch_norm(out_channels))
         self.route = routing.router(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,13 +51,13 @@ class RoutedResNet(RoutedNet):
     def __init__(self, layers, num_tasks: int, *, sharing_ratio: float = 0.5, seed: int | None = None,
                  in_channels: int = 3, width_mult: float = 1.0, pool_size: int = 1,
                  embedding_dim: int = 256, stats: str = "batch", fused: bool = True, backend: str = "auto",
-                 task_stats: bool = False):
-        super().__init__(in_channels, width_mult, pool_size)
+                 task_stats: bool = True, memory_efficient: bool = False):
+        super().__init__(in_channels, width_mult, pool_size, memory_efficient)
         routing = Routing(num_tasks, sharing_ratio, seed, stats, fused, backend, task_stats)
         channels = self.scaled(64)
         self.conv1 = nn.Conv2d(self.in_channels, channels, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = routing.bn_relu_route(channels)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = RecomputableMaxPool2d(kernel_size=3, stride=2, padding=1)
         self.num_stages = len(layers)
         for stage, blocks in enumerate(layers):
             width = self.scaled(64 * 2 ** stage)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .blocks import RoutedNet, Routing
+from .blocks import RecomputableMaxPool2d, RoutedNet, Routing
 
 __all__ = ["RoutedVGG", "vgg11_bn", "vgg16_bn", "CONFIGS"]
 
@@ -30,8 +30,10 @@ class RoutedVGG(RoutedNet):
             or small images ``pool_size=1`` keeps the heads small.
         embedding_dim: width of each task's embedding (its hidden layer).
         stats, backend: passed to the fused ``BNReLURoute2d`` layers.
-        task_stats: per-task BatchNorm statistics in every routed layer (``nn/task_stats.py``), so
-            that plain ``model.eval()`` normalises each task with its own statistics.
+        task_stats: per-task BatchNorm statistics in every routed layer (``nn/task_stats.py``; the
+            default), so that plain ``model.eval()`` normalises each task with its own statistics.
+        memory_efficient: rebuild the fused layers' outputs in backward instead of keeping them
+            (``RoutedNet``); it applies to the fused backends (not ``backend="reference"``).
         fused: ``False`` builds ``ReferenceBNReLURoute2d`` (BatchNorm2d → ReLU → TaskRouter,
             unfused) instead; the state_dict keys and shapes are the same either way.
 
@@ -45,13 +47,13 @@ class RoutedVGG(RoutedNet):
     def __init__(self, config, num_tasks: int, *, sharing_ratio: float = 0.5, seed: int | None = None,
                  in_channels: int = 3, width_mult: float = 1.0, pool_size: int = 7,
                  embedding_dim: int = 256, stats: str = "batch", fused: bool = True, backend: str = "auto",
-                 task_stats: bool = False):
-        super().__init__(in_channels, width_mult, pool_size)
+                 task_stats: bool = True, memory_efficient: bool = False):
+        super().__init__(in_channels, width_mult, pool_size, memory_efficient)
         routing = Routing(num_tasks, sharing_ratio, seed, stats, fused, backend, task_stats)
         layers, channels = [], self.in_channels
         for item in config:
             if item == "M":
-                layers.append(nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True))
+                layers.append(RecomputableMaxPool2d(kernel_size=2, stride=2, ceil_mode=True))
                 continue
             width = self.scaled(item)
             layers += [nn.Conv2d(channels, width, kernel_size=3, padding=1),

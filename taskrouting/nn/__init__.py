@@ -6,7 +6,8 @@ from .fuse import fuse
 from .masks import check_masks, make_masks
 from .router import TaskConditioned, TaskRouter, active_task, set_active_task
 from .sync_bn_relu_route import SyncBNReLURoute1d, SyncBNReLURoute2d, SyncBNReLURoute3d
+from .task_batch_norm import TaskBatchNorm2d
 
 __all__ = ["make_masks", "check_masks", "TaskRouter", "TaskConditioned", "set_active_task", "active_task",
            "BNReLURoute1d", "BNReLURoute2d", "BNReLURoute3d", "fuse", "SyncBNReLURoute1d", "SyncBNReLURoute2d",
-           "SyncBNReLURoute3d", "convert_sync_batchnorm"]
+           "SyncBNReLURoute3d", "convert_sync_batchnorm", "TaskBatchNorm2d"]

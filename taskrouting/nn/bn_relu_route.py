@@ -106,13 +106,10 @@ class _BNReLURoute(CheckedStateLoad, TaskStats, nn.modules.batchnorm._NormBase, 
         if not self.training:
             return ops.bn_relu_route_on(x, self.masks[task], self.weight, self.bias, mean, var, False, 0.0,
                                         self.eps, self.stats, self.backend)
-        factor = self._task_factor(task)
-        if shared_factor is None:
-            return ops.bn_relu_route_on(x, self.masks[task], self.weight, self.bias, mean, var, True, factor,
-                                        self.eps, self.stats, self.backend)
-        return ops.bn_relu_route_on(x, self.masks[task], self.weight, self.bias, self.running_mean,
-                                    self.running_var, True, shared_factor, self.eps, self.stats, self.backend,
-                                    also_update=(mean, var, factor))
+        shared = (None, None, 0.0) if shared_factor is None else (self.running_mean, self.running_var, shared_factor)
+        row = (mean, var, self._task_factor(task))
+        return self._bn_relu_route_on(x, self.masks[task], self.weight, self.bias, *shared[:2], True, shared[2],
+                                      self.eps, self.stats, self.backend, also_update=row)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, num_tasks={self.num_tasks}, sharing_ratio={self.sharing_ratio}, "

@@ -8,6 +8,7 @@ from torch import nn
 from .bn_relu_route import BNReLURoute1d, BNReLURoute2d, BNReLURoute3d
 from .router import TaskConditioned
 from .sync_bn_relu_route import SyncBNReLURoute1d, SyncBNReLURoute2d, SyncBNReLURoute3d
+from .task_batch_norm import TaskBatchNorm2d
 
 __all__ = ["convert_sync_batchnorm"]
 
@@ -16,9 +17,6 @@ _SYNC = {BNReLURoute1d: SyncBNReLURoute1d, BNReLURoute2d: SyncBNReLURoute2d, BNR
 
 def _synced(layer: nn.Module, process_group) -> nn.Module:
     """The same layer (the same Parameter and buffer objects, attributes, mode) as its sync class."""
-    if layer.task_stats:
-        raise ValueError("convert_sync_batchnorm: per-task statistics (task_stats=True) are not synchronised "
-                         "across processes yet; build the model with task_stats=False")
     sync = copy.copy(layer)
     sync.__dict__ = {k: copy.copy(v) if isinstance(v, (dict, set, list)) else v for k, v in layer.__dict__.items()}
     sync.__class__ = _SYNC[type(layer)]
@@ -28,6 +26,10 @@ def _synced(layer: nn.Module, process_group) -> nn.Module:
 
 def _check_convertible(module: nn.Module) -> None:
     for m in module.modules():
+        if type(m) is TaskBatchNorm2d and m.task_stats:
+            raise TypeError("convert_sync_batchnorm cannot synchronise TaskBatchNorm2d (the per-task statistics of "
+                            "an unrouted BatchNorm, e.g. a routed ResNet's bn3 with task_stats=True) yet: build the "
+                            "model with task_stats=False to train it on several processes")
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and isinstance(m, TaskConditioned):
             # nn.SyncBatchNorm's converter would replace it by a plain SyncBatchNorm, dropping the routing.
             raise TypeError(f"convert_sync_batchnorm cannot synchronise {type(m).__name__}, a routed BatchNorm "

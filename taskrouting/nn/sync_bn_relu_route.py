@@ -6,8 +6,10 @@ forward ``channel_stats`` -> all-reduce of ``[count·mean, M2 + count·mean², c
 backward ``backward_reduce`` -> all-reduce of ``[sum_dy, sum_dy_xmu]`` -> ``backward_apply``. Every
 process then computes what one process computes on the concatenated batch: its slice of the
 output and of ``grad_x``, and its share of the weight and bias gradients (DDP sums them), and the
-same running statistics. In eval mode, with one process, or outside ``torch.distributed``, it is
-the plain fused layer.
+same running statistics. With ``task_stats=True`` the task's row is updated from the same merged
+statistics (one task per batch; per-sample tasks are refused, since each process would hold other
+task groups). In eval mode, with one process, or outside ``torch.distributed``, it is the plain
+fused layer.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ class _SyncedBNReLURoute(torch.autograd.Function):
     """The staged op with the per-channel sums all-reduced between the stages."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, route, stages, routed, eps, group, running_mean, running_var, momentum):
+    def forward(ctx, x, weight, bias, route, stages, routed, eps, group, running_mean, running_var, momentum,
+                also_update):
         channels, dtype = x.shape[1], stats_dtype(x)
         used = _local_used(route)
         if x.shape[0] == 0:  # an empty shard still joins the collectives, with nothing to add
@@ -68,6 +71,8 @@ class _SyncedBNReLURoute(torch.autograd.Function):
         invstd = torch.rsqrt(var + eps)
         if running_mean is not None:
             _update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        if also_update is not None:  # a task's row (task_stats), from the same merged statistics
+            _update_running_stats(*also_update[:2], mean, var, count, also_update[2])
         y = torch.empty_like(x) if x.shape[0] == 0 else stages.normalize_relu_route(x, route, mean, invstd,
                                                                                       weight, bias)
         ctx.save_for_backward(x, weight, bias, route, mean, invstd, count, extra)
@@ -100,7 +105,7 @@ class _SyncedBNReLURoute(torch.autograd.Function):
         grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] \
             else None
         grad_bias = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
 
 
 class _SyncBNReLURoute(_BNReLURoute):
@@ -109,19 +114,27 @@ class _SyncBNReLURoute(_BNReLURoute):
 
     def __init__(self, *args, process_group=None, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.task_stats:
-            raise ValueError("task_stats=True is not synchronised across processes yet: use task_stats=False "
-                             "with SyncBNReLURoute*d")
         self.process_group = process_group
 
+    def _synced(self) -> bool:
+        return self.training and world_size(self.process_group) > 1
+
     def _bn_relu_route_on(self, x, route, weight, bias, running_mean, running_var, training, momentum, eps,
-                          stats, backend):
-        if not (training and self.training and world_size(self.process_group) > 1):
+                          stats, backend, also_update=None):
+        if not (training and self._synced()):
             return ops.bn_relu_route_on(x, route, weight, bias, running_mean, running_var, training, momentum,
-                                        eps, stats, backend)
+                                        eps, stats, backend, also_update=also_update)
         stages = stage_ops(ops.resolve_backend(backend, x))
         return _SyncedBNReLURoute.apply(x, weight, bias, route, stages, stats == "routed", float(eps),
-                                        self.process_group, running_mean, running_var, float(momentum))
+                                        self.process_group, running_mean, running_var, float(momentum),
+                                        also_update)
+
+    def _forward_task_stats(self, x, task):
+        if self._synced() and isinstance(task, torch.Tensor) and task.dim() == 1:
+            # Each process would hold other task groups, and the collectives of the groups would not pair up.
+            raise ValueError("task_stats=True with per-sample tasks is not synchronised across processes: train "
+                             "with one task per batch (an int task), or use task_stats=False")
+        return super()._forward_task_stats(x, task)
 
 
 class SyncBNReLURoute1d(_SyncBNReLURoute, BNReLURoute1d):

@@ -3,9 +3,19 @@ grouping of per-sample tasks, and the loading of state_dicts saved without them.
 
 Mixed into a BatchNorm-like module (``running_mean``, ``running_var``, ``num_batches_tracked``,
 ``momentum``, ``masks``, ``num_tasks``). With σ < 1 each task's inputs to a layer differ, so a
-task keeps its own running statistics: ``task_running_mean``/``task_running_var`` ``[T, C]``
-and ``task_num_batches_tracked`` ``[T]`` (so ``momentum=None`` averages each task's own batches).
+task keeps its own running statistics: ``task_running_mean``/``task_running_var`` ``[T, C]``,
+``task_num_batches_tracked`` ``[T]`` (so ``momentum=None`` averages each task's own batches) and
+``task_last_batch`` ``[T]`` (the layer's ``num_batches_tracked`` at each task's last update).
 The shared ``running_mean``/``running_var`` keep their ``nn.BatchNorm`` meaning.
+
+With a momentum m, a row decays per training batch of the layer, not per batch of its task: a
+task last seen g batches ago moves its row by ``1 - (1 - m)**g``, as if its statistics had been
+observed at every batch, held between its own. Each row is then as recent as the shared statistics
+(with one task, or a task in every batch, exactly ``nn.BatchNorm``'s rule). Decaying per own batch
+instead, a task of T gets 1/T of the updates and its row lags the weights by T times as many steps
+and keeps part of the initial (0, 1): on digits (10 tasks, 15 epochs) that kept 2 % of the initial
+variance in a layer whose true variance was 0.5 %, and ``model.eval()`` fell to the majority class.
+On a GPU the factors are computed on the device, so a step reads nothing back to the host.
 """
 from __future__ import annotations
 
@@ -15,8 +25,8 @@ import torch
 
 __all__ = ["TaskStats", "TASK_BUFFERS", "task_stats_from_shared"]
 
-TASK_BUFFERS = ("task_running_mean", "task_running_var", "task_num_batches_tracked")
-_SHARED = ("running_mean", "running_var", "num_batches_tracked")
+TASK_BUFFERS = ("task_running_mean", "task_running_var", "task_num_batches_tracked", "task_last_batch")
+_SHARED = ("running_mean", "running_var", "num_batches_tracked", "num_batches_tracked")  # the source of each
 
 
 def task_stats_from_shared(state_dict, num_tasks: int, prefix: str = "") -> dict:
@@ -24,7 +34,8 @@ def task_stats_from_shared(state_dict, num_tasks: int, prefix: str = "") -> dict
     rows = {}
     for key, source in zip(TASK_BUFFERS, _SHARED):
         value = state_dict[prefix + source]
-        rows[prefix + key] = value.repeat(num_tasks) if value.dim() == 0 else value.repeat(num_tasks, 1)
+        counted = source == "num_batches_tracked"  # a count: 0-dim (or [1] in some older files)
+        rows[prefix + key] = value.reshape(()).repeat(num_tasks) if counted else value.repeat(num_tasks, 1)
     return rows
 
 
@@ -45,6 +56,7 @@ class TaskStats:
             self.register_buffer("task_running_var", self.running_var.detach().repeat(rows))
             self.register_buffer("task_num_batches_tracked",
                                  self.num_batches_tracked.detach().repeat(self.num_tasks))
+            self.register_buffer("task_last_batch", self.num_batches_tracked.detach().repeat(self.num_tasks))
 
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
@@ -52,13 +64,33 @@ class TaskStats:
             self.task_running_mean.zero_()
             self.task_running_var.fill_(1)
             self.task_num_batches_tracked.zero_()
+            self.task_last_batch.zero_()
 
-    def _task_factor(self, task: int) -> float:
-        """Counts a training batch of ``task`` and returns its row's update factor (nn.BatchNorm's rule)."""
-        self.task_num_batches_tracked[task] += 1
+    def _task_factor(self, task: int):
+        """Counts a training batch of ``task`` and returns its row's update factor: ``1/n`` for
+        ``momentum=None``, else ``1 - (1 - m)**g`` (module docstring)."""
+        counts, last = self.task_num_batches_tracked, self.task_last_batch
+        if counts.device.type != "cpu":
+            return self._device_task_factor(task)
+        # Host memory: plain arithmetic costs less than tensor ops.
+        n, batch = int(counts[task]) + 1, int(self.num_batches_tracked) + 1
+        gap = batch - int(last[task])
+        counts[task], last[task] = n, batch
+        return 1.0 / n if self.momentum is None else 1.0 - (1.0 - self.momentum) ** gap
+
+    def _device_task_factor(self, task: int) -> torch.Tensor:
+        """``_task_factor`` as a 0-dim tensor computed on the buffers' device: nothing is read back to the host."""
+        counts, last = self.task_num_batches_tracked, self.task_last_batch
+        counts[task] += 1
+        batch = self.num_batches_tracked + 1  # this batch: the layer counts it once the op has run
+        dtype = self.task_running_var.dtype
         if self.momentum is None:
-            return 1.0 / float(self.task_num_batches_tracked[task])
-        return self.momentum
+            factor = counts[task].to(dtype).reciprocal()
+        else:
+            gap = (batch - last[task]).to(dtype)
+            factor = 1 - torch.pow(torch.tensor(1.0 - self.momentum, dtype=dtype, device=gap.device), gap)
+        last[task] = batch
+        return factor
 
     def _task_rows(self, task: int):
         """``task``'s running mean and variance: contiguous row views, updated in place."""
@@ -101,5 +133,9 @@ class TaskStats:
             warnings.warn(f"{prefix or 'module '}state_dict has no per-task statistics (saved without "
                           f"task_stats): every task starts from the shared running statistics", stacklevel=2)
             state_dict.update(task_stats_from_shared(state_dict, self.num_tasks, prefix))
+        last, count = prefix + "task_last_batch", prefix + "num_batches_tracked"
+        if self.task_stats and keys[0] in state_dict and last not in state_dict and count in state_dict:
+            # Saved before task_last_batch existed: every row counts as updated at the last batch.
+            state_dict[last] = state_dict[count].reshape(()).repeat(self.num_tasks)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

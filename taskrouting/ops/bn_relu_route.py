@@ -5,6 +5,7 @@ import torch
 
 from .backends import BACKENDS, family_op, resolve_backend
 from .checks import check_inputs
+from .recompute import note_output
 from .reference import bn_relu_route_reference, channel_stats, update_running_stats
 from .route import select_route
 from .schemas import NATIVE_UPDATE
@@ -12,8 +13,14 @@ from .schemas import NATIVE_UPDATE
 __all__ = ["bn_relu_route", "bn_relu_route_on", "combine_stats"]
 
 
-def _update_running_stats(running_mean, running_var, mean, var, count, momentum: float) -> None:
-    """One compiled kernel where there is one (a handful of tiny eager ops cost ~25 µs), else PyTorch."""
+def _update_running_stats(running_mean, running_var, mean, var, count, momentum) -> None:
+    """One compiled kernel where there is one (a handful of tiny eager ops cost ~25 µs), else PyTorch.
+    ``momentum``: a float, or a 0-dim tensor (a per-task factor), read on the host only on the CPU."""
+    if isinstance(momentum, torch.Tensor):
+        if momentum.device.type != "cpu":  # reading it would stall the host: the PyTorch ops take it as is
+            update_running_stats(running_mean, running_var, mean, var, count, momentum)
+            return
+        momentum = float(momentum)
     if NATIVE_UPDATE.get(running_mean.device.type, False) and running_mean.is_contiguous() \
             and running_var.is_contiguous():
         torch.ops.taskrouting.update_running_stats(running_mean, running_var, mean, var, count, momentum)
@@ -43,7 +50,8 @@ def bn_relu_route_on(x, route, weight, bias, running_mean, running_var, training
     """``bn_relu_route`` on an already selected ``route`` (bool [C] or [N, C]) and checked inputs.
 
     ``also_update``: ``(mean, var, momentum)``, a second pair of running stats (a task's row) that a
-    training call updates from the same batch statistics as ``running_mean``/``running_var``.
+    training call updates from the same batch statistics as ``running_mean``/``running_var``
+    (``momentum`` a float or a 0-dim tensor).
     """
     name = resolve_backend(backend, x)
     routed = stats == "routed"
@@ -52,16 +60,17 @@ def bn_relu_route_on(x, route, weight, bias, running_mean, running_var, training
                                     training, momentum, eps, routed)
         if training and also_update is not None:
             mean, var, count = channel_stats(x.detach(), route if routed else None)
-            _update_running_stats(*also_update[:2], mean, var, count, float(also_update[2]))
+            _update_running_stats(*also_update[:2], mean, var, count, also_update[2])
         return y
-    forward = family_op(BACKENDS[name].family, "bn_relu_route")
+    family = BACKENDS[name].family
     track = training and (running_mean is not None or also_update is not None)
-    y, mean, _, var, count = forward(x, route, weight, bias, running_mean, running_var, training,
-                                     float(eps), routed, track and not routed)
+    y, mean, invstd, var, count = family_op(family, "bn_relu_route")(
+        x, route, weight, bias, running_mean, running_var, training, float(eps), routed, track and not routed)
+    note_output(y, family, x, route, mean, invstd, weight, bias)
     if track and running_mean is not None:
         _update_running_stats(running_mean, running_var, mean, var, count, float(momentum))
     if track and also_update is not None:
-        _update_running_stats(*also_update[:2], mean, var, count, float(also_update[2]))
+        _update_running_stats(*also_update[:2], mean, var, count, also_update[2])
     return y
 
 

@@ -53,7 +53,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers decoding batches (image files); 0 = in this process
     device: str = "cpu"
     zero_division: float = 0.0
-    bn_eval: str = "recalibrate"  # or "stored", "batch"; see training/evaluation.py
+    bn_eval: str = "stored"  # or "recalibrate", "batch"; see training/evaluation.py
     bn_batches: int = 8  # training batches (of eval_batch_size) per task for bn_eval="recalibrate"
     task_sampling: str = "uniform"  # or "round-robin" (taskrouting.training.batches.epoch_plan)
     val_fraction: float = 0.0  # > 0: hold out this much of train, keep the best epoch (training.selection)

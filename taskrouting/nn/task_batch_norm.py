@@ -1,0 +1,60 @@
+"""TaskBatchNorm2d: ``nn.BatchNorm2d`` that keeps per-task running statistics (``nn/task_stats.py``)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.checks import check_positive_int
+from ..ops.route import check_task_ids
+from .router import TaskConditioned
+from .state import CheckedStateLoad
+from .task_stats import TaskStats
+
+__all__ = ["TaskBatchNorm2d"]
+
+
+class TaskBatchNorm2d(CheckedStateLoad, TaskStats, nn.BatchNorm2d, TaskConditioned):
+    """``nn.BatchNorm2d`` for an unrouted layer of a routed model (a ResNet's ``bn3`` and shortcut
+    BatchNorm), whose input still differs by task: with ``task_stats=True``, training normalises
+    each task's samples with their own batch statistics and updates that task's row (and the shared
+    statistics, as ``nn.BatchNorm2d``); eval normalises each sample with its task's row. Same
+    state_dict as ``nn.BatchNorm2d`` plus the per-task buffers."""
+
+    def __init__(self, num_features: int, *, num_tasks: int, task_stats: bool = True, **batchnorm_kwargs):
+        super().__init__(check_positive_int(num_features, "num_features"), **batchnorm_kwargs)
+        self.num_tasks = check_positive_int(num_tasks, "num_tasks")
+        self.active_task = None
+        self._init_task_stats(task_stats)
+
+    def forward(self, x: torch.Tensor, task=None) -> torch.Tensor:
+        # Checked first so that a bad input or task fails before the running stats are updated.
+        self._check_input_dim(x)
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"x has {x.shape[1]} channels (dim 1) but the layer has {self.num_features}")
+        task = self.active_task if task is None else task
+        if not self.task_stats:
+            return super().forward(x)
+        return self._task_batch_norm(x, check_task_ids(task, self.num_tasks, x.shape[0], x.device))
+
+    def _task_batch_norm(self, x: torch.Tensor, task) -> torch.Tensor:
+        if isinstance(task, torch.Tensor) and task.dim() == 0:
+            task = int(task)
+        if isinstance(task, torch.Tensor) and self.training:
+            self._check_group_sizes(x, task)
+        if isinstance(task, int):
+            y = self._one_task_batch_norm(x, task)
+        else:
+            y = self._grouped(x, task, self._one_task_batch_norm)
+        if self.training:  # after the rows, which date their update by the batch count before this batch
+            with torch.no_grad():
+                nn.BatchNorm2d.forward(self, x)  # the shared statistics, as nn.BatchNorm2d keeps them
+        return y
+
+    def _one_task_batch_norm(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        mean, var = self._task_rows(task)
+        factor = float(self._task_factor(task)) if self.training else 0.0  # F.batch_norm takes a float
+        return F.batch_norm(x, mean, var, self.weight, self.bias, self.training, factor, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_tasks={self.num_tasks}" + (", task_stats=True" if self.task_stats else "")
