@@ -60,14 +60,18 @@ def _ratio(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
 
 
 def _data_arg(text: str):
@@ -84,10 +88,18 @@ def _ratio_list(text: str) -> list[float]:
     return values
 
 
-def _int_list(text: str) -> list[int]:
-    values = [_positive_int(v) for v in text.split(",") if v.strip()]
+def _int_list(text: str, least: int = 1) -> list[int]:
+    values = [_int_at_least(v, least) for v in text.split(",") if v.strip()]
     if not values:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return values
+
+
+def _seed_list(text: str) -> list[int]:
+    """``--seeds``: distinct integers >= 0 (a seed of 0 is the default one)."""
+    values = _int_list(text, 0)
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
     return values
 
 
@@ -118,6 +130,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     model.add_argument("--no-task-stats", dest="task_stats", action="store_false",
                        help="one set of BatchNorm running statistics for all tasks (default: one per task, so that "
                             "--bn-eval stored fits each task)")
+    model.add_argument("--memory-efficient", action="store_true",
+                       help="rebuild the fused layers' outputs in backward instead of keeping them (less memory)")
     train = p.add_argument_group("training (defaults: the paper's)")
     train.add_argument("--epochs", type=int, default=d.epochs)
     train.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -171,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(sweep)
     sweep.add_argument("--sharing-ratios", type=_ratio_list, default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     sweep.add_argument("--tasks", type=_int_list, help="task counts to sweep (the first K tasks), e.g. 10,50,100")
-    sweep.add_argument("--seeds", type=_int_list, help="run every setting for each of these seeds, e.g. 0,1,2; "
+    sweep.add_argument("--seeds", type=_seed_list, help="run every setting for each of these seeds, e.g. 0,1,2; "
                                                       "the table gives mean ± std (runs in --out merge)")
     sweep.add_argument("--single-task", type=int, metavar="N",
                        help="also train single-task baselines for N tasks (a fixed sample) and report Δm")
@@ -192,7 +206,7 @@ def _bench(argv: list[str]) -> int:
 
 def _model_kwargs(args) -> dict:
     kwargs = {"width_mult": args.width_mult, "stats": args.stats, "fused": not args.unfused, "backend": args.backend,
-              "task_stats": args.task_stats}
+              "task_stats": args.task_stats, "memory_efficient": args.memory_efficient}
     for name in ("pool_size", "embedding_dim"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)

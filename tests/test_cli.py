@@ -41,6 +41,16 @@ def test_sweep_synthetic(tmp_path, capsys):
     assert (tmp_path / "sweep.png").is_file() and (tmp_path / "tasks6_sigma0.5" / "results.json").is_file()
 
 
+def test_sweep_seeds_start_at_zero_and_bad_seeds_are_one_line_errors(capsys):
+    from taskrouting.cli import build_parser
+
+    assert build_parser().parse_args(["sweep", "--seeds", "0,1,2"]).seeds == [0, 1, 2]  # the README's command
+    for bad, message in (("-1", "expected an integer >= 0"), ("0,0", "expected distinct seeds"), ("a", "integer")):
+        assert main(["sweep", "--seeds", bad]) == 2
+        err = capsys.readouterr().err
+        assert "--seeds" in err and message in err and "Traceback" not in err
+
+
 def test_bench_is_delegated(monkeypatch):
     seen = []
     fake = types.SimpleNamespace(main=lambda argv: seen.append(argv) or 7)

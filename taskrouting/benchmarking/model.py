@@ -1,7 +1,8 @@
 """One SGD training step of a routed VGG-11 (``taskrouting.models.vgg11_bn``).
 
 Variants: ``fused:<backend>`` (fused routed BatchNorms forced to one backend),
-``fused:<backend>+task_stats`` (the same with per-task statistics, for the first backend), ``reference``
+``fused:<backend>+task_stats`` / ``+memory_efficient`` (the same with per-task statistics, or with
+fused outputs rebuilt in backward; for the first backend), ``reference``
 (``fused=False``: BatchNorm2d → ReLU → route, unfused) and ``plain`` (the same network with
 every routed BatchNorm replaced by ``BatchNorm2d → ReLU`` and every ``TaskRouter`` by
 ``Identity``: VGG-11 without routing, same heads). A step cycles to the next task (as in
@@ -17,22 +18,24 @@ from torch import nn
 
 from ..nn import BNReLURoute1d, BNReLURoute2d, BNReLURoute3d, TaskConditioned, TaskRouter, set_active_task
 from ..nn.bn_relu_route import BATCH_NORMS
+from ..ops.recompute import saved_tensors_meter
 from .cases import ModelSettings
 from .variants import Skip, Step, task_order
 
 __all__ = ["model_variants", "base_variant", "strip_routing", "model_step", "load_vgg11_bn"]
 
 
-TASK_STATS = "+task_stats"
+OPTIONS = ("task_stats", "memory_efficient")  # model options a variant can add: fused:<backend>+<option>
 
 
 def model_variants(backends: list[str]) -> list[str]:
-    return [f"fused:{b}" for b in backends] + [f"fused:{b}{TASK_STATS}" for b in backends[:1]] + ["reference", "plain"]
+    options = [f"fused:{b}+{o}" for b in backends[:1] for o in OPTIONS]
+    return [f"fused:{b}" for b in backends] + options + ["reference", "plain"]
 
 
 def base_variant(variant: str) -> str | None:
-    """The variant a ``+task_stats`` one is compared with (the same without per-task statistics)."""
-    return variant.removesuffix(TASK_STATS) if variant.endswith(TASK_STATS) else None
+    """The variant a ``fused:<backend>+<option>`` one is compared with: the same without the option."""
+    return variant.split("+", 1)[0] if "+" in variant else None
 
 
 def load_vgg11_bn():
@@ -78,10 +81,10 @@ def _build(variant: str, settings: ModelSettings, seed: int) -> nn.Module:
     kwargs = dict(sharing_ratio=settings.sharing_ratio, seed=seed, width_mult=settings.width_mult,
                   pool_size=settings.pool_size)
     if variant.startswith("fused:"):
-        backend = variant.removeprefix("fused:").removesuffix(TASK_STATS)
-        return vgg11_bn(settings.num_tasks, fused=True, backend=backend, task_stats=variant.endswith(TASK_STATS),
-                        **kwargs)
-    model = vgg11_bn(settings.num_tasks, fused=False, **kwargs)
+        backend, *options = variant.removeprefix("fused:").split("+")
+        return vgg11_bn(settings.num_tasks, fused=True, backend=backend, task_stats="task_stats" in options,
+                        memory_efficient="memory_efficient" in options, **kwargs)
+    model = vgg11_bn(settings.num_tasks, fused=False, task_stats=False, **kwargs)
     return strip_routing(model) if variant == "plain" else model
 
 
@@ -96,6 +99,9 @@ def model_step(variant: str, settings: ModelSettings, device, seed: int = 0) -> 
     targets = torch.randint(0, 2, (settings.batch,), generator=g).float().to(device)
     tasks = itertools.cycle(task_order(settings.num_tasks, seed))
 
+    with saved_tensors_meter() as meter:  # what one forward keeps for backward
+        F.binary_cross_entropy_with_logits(model(x, task=0), targets)
+
     def train_step():
         set_active_task(model, next(tasks))
         optimizer.zero_grad(set_to_none=True)
@@ -105,4 +111,4 @@ def model_step(variant: str, settings: ModelSettings, device, seed: int = 0) -> 
         return loss
 
     return Step(("model", variant), variant, train_step, bytes_moved=0, active_fraction=settings.sharing_ratio,
-                compiles=variant.startswith("fused:triton"), module=model)
+                compiles=variant.startswith("fused:triton"), module=model, saved_bytes=meter.saved_bytes)

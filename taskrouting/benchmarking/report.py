@@ -18,7 +18,8 @@ _LEGEND = ("times: median [q1-q3] of interleaved repeats, per call; GB/s: bytes 
            "median (taskrouting/benchmarking/traffic.py); %copy: that bandwidth / y.copy_(x) of the "
            "same tensor; xref, xcomp, xplain, xbase: median of repeat-by-repeat time ratios to the "
            "reference, the compiled reference, plain BN+ReLU, and the same variant at the sweep's "
-           "baseline (T=1 / largest sigma; train step: the variant without +task_stats); < 1 is faster")
+           "baseline (T=1 / largest sigma; train step: the variant without its +option); < 1 is faster; "
+           "saved: activations one training forward keeps for backward")
 
 
 def _num(value, fmt: str, missing: str = "-") -> str:
@@ -61,7 +62,8 @@ def _row_line(row: dict) -> str:
     return (f"    {row['variant']:<16} {row['median_ms']:>10.4g} {spread:>19} {_num(row.get('gbps'), '.3g'):>7} "
             f"{pct:>6} {_num(row.get('vs_reference'), '.3f'):>6} {_num(row.get('vs_compiled'), '.3f'):>6} "
             f"{_num(row.get('vs_plain'), '.3f'):>6} {_num(row.get('vs_baseline'), '.3f'):>6} "
-            f"{_num(row.get('compile_s'), '.2f'):>9}")
+            f"{_num(row.get('compile_s'), '.2f'):>9}"
+            + (f"  saved {row['saved_mib']:.1f} MiB" if row.get("saved_mib") is not None else ""))
 
 
 def _case_title(row: dict) -> str:

@@ -42,7 +42,7 @@ RATIO_TO = ("reference", "compiled", "plain", "baseline")   # the vs_* columns
 
 COLUMNS = ["sweep", "shape", "dtype", "mode", "stats", "num_tasks", "sharing_ratio", "active_fraction",
            "variant", "status", "reason", "median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms",
-           "repeats", "inner", "bytes_moved", "gbps", "copy_gbps", "copy_fraction", "peak_mem_mib",
+           "repeats", "inner", "bytes_moved", "gbps", "copy_gbps", "copy_fraction", "peak_mem_mib", "saved_mib",
            "compile_s", "baseline", "input_sets"]
 COLUMNS += [f"vs_{name}{suffix}" for name in RATIO_TO for suffix in ("", "_q1", "_q3")]
 
@@ -200,7 +200,8 @@ def run_model(settings: Settings, backends: list[str], timer) -> list[dict]:
     for variant, m in measured.items():
         row = {"sweep": "model", "shape": f"{ms.batch}x3x{ms.resolution}x{ms.resolution}", "dtype": "float32",
                "mode": "train-step", "num_tasks": ms.num_tasks, "sharing_ratio": ms.sharing_ratio,
-               "variant": variant, "status": m.status, "reason": m.reason}
+               "variant": variant, "status": m.status, "reason": m.reason,
+               "saved_mib": None if m.step is None or m.step.saved_bytes is None else m.step.saved_bytes / 2 ** 20}
         row.update(_timing_fields(m, None))
         for other in ("reference", "plain"):
             row.update(_ratio_fields(other, m, measured.get(other)))

@@ -136,6 +136,7 @@ class Step:
     active_fraction: float
     compiles: bool = False   # the first call compiles (torch.compile, Triton JIT): its time is reported
     module: nn.Module | None = None   # the module the step runs (before torch.compile)
+    saved_bytes: int | None = None   # activations one forward keeps for backward (whole-model steps)
 
 
 def variant_names(backends: list[str], compile: bool = True) -> list[str]:

@@ -7,7 +7,8 @@ a saved tensor that is a fused output is replaced by a recipe: x (which the op k
 route and the per-channel mean and invstd it normalised with. Backward rebuilds y from them with the
 backend's ``normalize_relu_route`` stage, one elementwise pass; a max pool of y (``RecomputableMaxPool2d``)
 is rebuilt from y's recipe and the pool's indices, which the pool keeps anyway. ``saved_tensors_meter()`` counts the
-bytes a forward keeps for backward (each storage once, parameters left out), through these hooks too.
+bytes a forward keeps for backward (each storage once; parameters and views of them left out), through
+these hooks too.
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ class SavedTensorsMeter:
         return sum(self._storages.values())
 
     def count(self, t: torch.Tensor) -> None:
-        if isinstance(t, torch.nn.Parameter) or t.device.type == "meta":
+        base = t if t._base is None else t._base
+        if (base.is_leaf and base.requires_grad) or t.device.type == "meta":  # a parameter or a view of one
             return
         storage = t.untyped_storage()
         self._storages[storage.data_ptr()] = storage.nbytes()
