@@ -73,6 +73,9 @@ class BNReLURoute : public torch::autograd::Function<BNReLURoute> {
     ctx->saved_data["routed_stats"] = routed_stats;
     ctx->saved_data["eps"] = eps;
     ctx->mark_non_differentiable({mean, invstd, var, count});
+    // The statistics get no gradient: without this, autograd would fill four zero tensors for them
+    // on every backward.
+    ctx->set_materialize_grads(false);
     return {y, mean, invstd, var, count};
   }
 

@@ -6,6 +6,7 @@ fused op, every op of the backend's family against the CPU op, masked channels n
 Under the Triton interpreter shapes are shrunk (op_cases.fit). Backend-specific tests live beside this file:
 test_cpu_kernels.py, test_cuda_kernels.py, test_triton_kernels.py.
 """
+import collections
 import copy
 import itertools
 import math
@@ -15,8 +16,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from op_cases import compare, fit, fit_all, make_case, opcheck_cases, pick, run
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from taskrouting import BNReLURoute2d, TaskRouter, make_masks, ops
+from taskrouting.ops.schemas import FAMILIES
 
 SHAPES = [(4, 6, 5, 7), (3, 5), (6, 3, 11), (2, 4, 3, 3, 2), (5, 70, 3, 3), (9, 1, 4, 4), (8, 5, 1, 1),
           (1, 3, 17, 19), (2, 16, 8, 8), (3, 8, 4, 4, 4), (7, 24), (2, 9, 1, 33)]
@@ -247,6 +250,39 @@ def test_sliced_input_and_expanded_grad(backend, device):
             y.backward(grad)
             outs[name] = (y.detach(), x.grad)
         torch.testing.assert_close(outs[backend], outs["reference"], rtol=2e-4, atol=1e-4)
+
+
+class _Dispatches(TorchDispatchMode):
+    """The ATen / taskrouting ops a region dispatches, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_dispatch_forward_and_backward_and_no_zero_fills(backend, target):
+    """A training step of the layer: forward = the fused op, the running-stat update and the batch
+    count (plus the mask row view); backward = the fused backward alone, with no zero tensors
+    materialised for the statistics outputs, which get no gradient."""
+    layer = BNReLURoute2d(8, num_tasks=3, seed=0, backend=backend).to(target.device)
+    x = torch.randn(4, 8, 5, 5, device=target.device, requires_grad=True)
+    grad = torch.ones(4, 8, 5, 5, device=target.device)
+    with _Dispatches() as forward:
+        y = layer(x, task=1)
+    with _Dispatches() as backward:
+        y.backward(grad)
+    family = ops.BACKENDS[backend].family
+    if family is not None:
+        prefix = FAMILIES[family]
+        assert forward.ops[f"{prefix}bn_relu_route"] == 1 and forward.ops["update_running_stats"] == 1
+        assert sum(forward.ops.values()) == 4, forward.ops  # + the mask row (select) and num_batches_tracked.add_
+        assert backward.ops[f"{prefix}bn_relu_route_backward"] == 1
+    fills = {name: n for name, n in backward.ops.items() if name in ("zeros", "zero_", "fill_", "zeros_like")}
+    assert not fills, backward.ops
 
 
 def test_deterministic(backend, target):

@@ -452,3 +452,19 @@ def test_cli_rejects_an_unknown_bn_eval_in_one_line():
     result = subprocess.run([sys.executable, "-m", "taskrouting", "train", "--data", "synthetic", "--bn-eval",
                              "shared"], capture_output=True, text=True)
     assert result.returncode == 2 and "--bn-eval" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resnet_subnetwork_folds_each_task_statistics_of_its_unrouted_batchnorms():
+    from taskrouting.models import resnet50
+
+    torch.manual_seed(0)
+    model = resnet50(3, width_mult=1 / 16, seed=0).train()
+    with torch.no_grad():
+        for step in range(6):
+            model(torch.randn(4, 3, 32, 32) * (1 + step % 2), task=step % 3)
+    bn3 = model.layer1[0].bn3
+    assert not torch.allclose(bn3.task_running_var[0], bn3.task_running_var[1])
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    for task in range(3):
+        torch.testing.assert_close(extract_subnetwork(model, task)(x), model(x, task=task), rtol=1e-4, atol=1e-5)

@@ -109,6 +109,7 @@ def _make_autograd(backward_op):
         x, route, weight, bias, _, _, training, eps, routed_stats, _ = inputs
         _, mean, invstd, _, count = output
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # the statistics get no gradient: no zero tensors for them
         ctx.save_for_backward(x, route, weight, bias, mean, invstd, count)
         ctx.training, ctx.eps, ctx.routed_stats = training, eps, routed_stats
 
