@@ -112,3 +112,18 @@ def test_memory_efficient_is_a_checked_bool_and_kept_out_of_the_state_dict():
     a, b = vgg11_bn(2, width_mult=0.125, seed=0), vgg11_bn(2, width_mult=0.125, seed=0, memory_efficient=True)
     assert a.state_dict().keys() == b.state_dict().keys()
     b.load_state_dict(a.state_dict())
+
+
+def test_memory_efficient_task_stats_model_compiles_fullgraph_with_the_eager_gradients_and_stats():
+    torch.manual_seed(0)
+    model = vgg11_bn(3, width_mult=0.125, seed=0, memory_efficient=True)
+    twin = vgg11_bn(3, width_mult=0.125, seed=0, memory_efficient=True)
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    model(x, task=1).square().sum().backward()
+    compiled = torch.compile(twin, fullgraph=True, dynamic=False)
+    compiled(x, task=1).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    # The per-task statistics (on by default) are updated by the compiled graph as in eager.
+    torch.testing.assert_close(twin.state_dict(), model.state_dict(), rtol=1e-5, atol=1e-6)

@@ -165,7 +165,9 @@ class RoutedNet(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be [N, {self.in_channels}, H, W], got {shape}")
-        with recompute_outputs() if self.memory_efficient and torch.is_grad_enabled() else contextlib.nullcontext():
+        # Under torch.compile the compiled graph picks what it saves (its partitioner recomputes too).
+        recompute = self.memory_efficient and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        with recompute_outputs() if recompute else contextlib.nullcontext():
             for module in self.trunk():
                 x = module(x)
         return self.heads(torch.flatten(x, 1))

@@ -70,7 +70,7 @@ class TaskStats:
         """Counts a training batch of ``task`` and returns its row's update factor: ``1/n`` for
         ``momentum=None``, else ``1 - (1 - m)**g`` (module docstring)."""
         counts, last = self.task_num_batches_tracked, self.task_last_batch
-        if counts.device.type != "cpu":
+        if counts.device.type != "cpu" or torch.compiler.is_compiling():  # compiled: no data-dependent floats
             return self._device_task_factor(task)
         # Host memory: plain arithmetic costs less than tensor ops.
         n, batch = int(counts[task]) + 1, int(self.num_batches_tracked) + 1

@@ -17,7 +17,8 @@ def _update_running_stats(running_mean, running_var, mean, var, count, momentum)
     """One compiled kernel where there is one (a handful of tiny eager ops cost ~25 µs), else PyTorch.
     ``momentum``: a float, or a 0-dim tensor (a per-task factor), read on the host only on the CPU."""
     if isinstance(momentum, torch.Tensor):
-        if momentum.device.type != "cpu":  # reading it would stall the host: the PyTorch ops take it as is
+        # Reading it would stall the host (or, compiled, be data-dependent): the PyTorch ops take it as is.
+        if momentum.device.type != "cpu" or torch.compiler.is_compiling():
             update_running_stats(running_mean, running_var, mean, var, count, momentum)
             return
         momentum = float(momentum)

@@ -107,6 +107,12 @@ class _Gathered:
                                    device=out.device).copy_(out)
 
 
+def _active_outputs() -> dict | None:
+    # Under torch.compile nothing is noted: dynamo cannot trace a ContextVar, and a compiled graph
+    # keeps its own choice of saved tensors.
+    return None if torch.compiler.is_compiling() else _OUTPUTS.get()
+
+
 def _noted(outputs: dict, t: torch.Tensor):
     entry = outputs.get(id(t))
     return entry[1] if entry is not None and entry[0]() is t else None
@@ -115,7 +121,7 @@ def _noted(outputs: dict, t: torch.Tensor):
 def note_pooled(out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> None:
     """Within ``recompute_outputs``: ``out``, a 2-d max pool of a noted output ``x`` with ``indices``
     (``F.max_pool2d(..., return_indices=True)``), may be rebuilt in backward as ``x``'s gather."""
-    outputs = _OUTPUTS.get()
+    outputs = _active_outputs()
     source = None if outputs is None or not torch.is_grad_enabled() else _noted(outputs, x)
     if source is not None:
         outputs[id(out)] = (weakref.ref(out), _Gathered(source, indices, out))
@@ -123,13 +129,13 @@ def note_pooled(out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> No
 
 def recomputing() -> bool:
     """Whether a ``recompute_outputs`` context is active (layers then note what they can rebuild)."""
-    return _OUTPUTS.get() is not None
+    return _active_outputs() is not None
 
 
 def note_output(y, family, x, route, mean, invstd, weight, bias) -> None:
     """Within ``recompute_outputs``: ``y``, the output of backend ``family``'s fused op, may be rebuilt
     in backward (its ``normalize_relu_route(x, route, mean, invstd, weight, bias)``) instead of kept."""
-    outputs = _OUTPUTS.get()
+    outputs = _active_outputs()
     if outputs is not None and torch.is_grad_enabled():
         outputs[id(y)] = (weakref.ref(y), _Recipe(y, family, x, route, mean.detach(), invstd.detach(),
                                                   weight, bias))
