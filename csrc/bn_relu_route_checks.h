@@ -145,11 +145,4 @@ inline BackwardTensors backward_tensors(const at::Tensor& grad_y, const at::Tens
           per_channel_or(bias, "bias", x, 0.0)};
 }
 
-// grad_weight = sum(dy * (x - mean)) * invstd; a channel no sample uses gets exactly 0, also when its
-// statistics are not finite (0 * NaN otherwise).
-inline at::Tensor grad_weight_of(const at::Tensor& route, const at::Tensor& sum_dy_xmu, const at::Tensor& invstd) {
-  const at::Tensor used = route.dim() == 1 ? route : route.any(0);
-  return at::where(used, sum_dy_xmu * invstd, at::zeros_like(sum_dy_xmu));
-}
-
 }  // namespace taskrouting

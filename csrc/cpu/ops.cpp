@@ -132,6 +132,18 @@ Tensor backward_apply_cpu(const Tensor& grad_y, const Tensor& x, const Tensor& r
   return dx;
 }
 
+// sum(g * (x - mean)) * invstd on the channels some sample uses, exactly 0 on the others (also where
+// their statistics are not finite): one loop over the channels instead of a handful of tensor ops.
+Tensor grad_weight_of(const Prepared& p, const Tensor& sum_dy_xmu, const Tensor& invstd) {
+  Tensor gw = at::empty_like(sum_dy_xmu);
+  AT_DISPATCH_FLOATING_TYPES(gw.scalar_type(), "grad_weight_cpu", [&] {
+    const scalar_t *s = sum_dy_xmu.data_ptr<scalar_t>(), *is = invstd.data_ptr<scalar_t>();
+    scalar_t* out = gw.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < p.sh.c; ++c) out[c] = p.used[c] ? s[c] * is[c] : scalar_t(0);
+  });
+  return gw;
+}
+
 std::tuple<Tensor, Tensor, Tensor> bn_relu_route_backward_cpu(
     const Tensor& grad_y, const Tensor& x, const Tensor& route, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd, const Tensor& count_in,
@@ -145,7 +157,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_route_backward_cpu(
     if (!needed || !param.has_value() || !param->defined()) return empty_grad(in.p.x);
     return value.to(param->scalar_type());
   };
-  return {dx, param_grad(weight, grad_weight_of(route, sum_dy_xmu, in.invstd), output_mask[1]),
+  return {dx, param_grad(weight, grad_weight_of(in.p, sum_dy_xmu, in.invstd), output_mask[1]),
           param_grad(bias, sum_dy, output_mask[2])};
 }
 

@@ -279,12 +279,12 @@ void grad_reduce_impl(const Problem& p, const at::Tensor& dy, GradOut<acc_t> out
     }
   };
   if (p.rows) {
-    const RowsShape sh = rows_shape(p, VEC, /*split=*/true);
+    const RowsShape sh = rows_shape(p, VEC, resident_blocks_of(rows_grad_reduce_kernel<scalar_t, acc_t, VEC>));
     workspace(sh.chunks);
     rows_grad_reduce_kernel<scalar_t, acc_t, VEC><<<dim3(sh.tiles, sh.chunks), dim3(sh.bx, sh.by), 0, stream>>>(
         x, d, p.n * p.s, p.c, p.s, sh.rows_per_chunk, p.r, used, out);
   } else {
-    const PlanesShape sh = planes_shape(p, VEC, /*split=*/true);
+    const PlanesShape sh = planes_shape(p, VEC, resident_blocks_of(planes_grad_reduce_kernel<scalar_t, acc_t, VEC>));
     workspace(sh.chunks);
     const unsigned grid_y = unsigned(std::min<int64_t>(p.c, kMaxGridY));
     planes_grad_reduce_kernel<scalar_t, acc_t, VEC><<<dim3(sh.chunks, grid_y), dim3(sh.bx, sh.by), 0, stream>>>(
@@ -305,13 +305,13 @@ void grad_apply_impl(const Problem& p, const at::Tensor& dy, const at::Tensor& d
   scalar_t* out = dx.data_ptr<scalar_t>();
   const bool* used = p.used.data_ptr<bool>();
   if (p.rows) {
-    const RowsShape sh = rows_shape(p, VEC, /*split=*/false);
+    const RowsShape sh = rows_shape(p, VEC, /*resident=*/0);
     const int64_t M = p.n * p.s;
     const unsigned grid_y = unsigned(std::clamp<int64_t>(ceil_div(M, int64_t(sh.by) * kUnroll), 1, kMaxGridY));
     rows_grad_apply_kernel<scalar_t, acc_t, VEC><<<dim3(sh.tiles, grid_y), dim3(sh.bx, sh.by), 0, stream>>>(
         x, d, out, M, p.c, p.s, p.r, used, params, training, routed_stats);
   } else {
-    const PlanesShape sh = planes_shape(p, VEC, /*split=*/false);
+    const PlanesShape sh = planes_shape(p, VEC, /*resident=*/0);
     const int64_t P = p.n * p.c;
     const unsigned grid_x = unsigned(std::clamp<int64_t>(ceil_div(p.s, int64_t(sh.bx) * VEC * kUnroll), 1, kMaxGridX));
     const unsigned grid_y = unsigned(std::clamp<int64_t>(ceil_div(P, sh.by), 1, kMaxGridY));
@@ -326,7 +326,7 @@ void grad_apply_impl(const Problem& p, const at::Tensor& dy, const at::Tensor& d
 void launch_grad_reduce(const Problem& p, const at::Tensor& dy, const at::Tensor& mean, const at::Tensor& invstd,
                         const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& sum_dy,
                         const at::Tensor& sum_dy_xmu, const at::Tensor& params, const at::Tensor& count,
-                        bool training) {
+                        bool training, const at::Tensor& grad_weight) {
   if (p.c == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "taskrouting_grad_reduce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -340,6 +340,8 @@ void launch_grad_reduce(const Problem& p, const at::Tensor& dy, const at::Tensor
     out.weight = weight.data_ptr<acc_t>();
     out.bias = bias.data_ptr<acc_t>();
     out.count = training && out.params != nullptr ? count.data_ptr<acc_t>() : nullptr;
+    out.used = p.used.data_ptr<bool>();
+    out.grad_weight = grad_weight.defined() ? grad_weight.data_ptr<acc_t>() : nullptr;
     out.training = training;
     out.partial = nullptr;
     out.channels = p.c;

@@ -296,6 +296,8 @@ struct GradOut {
   const acc_t* weight;
   const acc_t* bias;
   const acc_t* count;   // training only
+  const bool* used;     // channels some sample is routed through
+  acc_t* grad_weight;   // optional [C]: sum_dy_xmu * invstd on used channels, 0 elsewhere
   bool training;
   acc_t* partial;       // [2][C][chunks] when chunks > 1
   int64_t channels;
@@ -319,6 +321,7 @@ template <typename acc_t>
 __device__ __forceinline__ void finalize_grad(const GradOut<acc_t>& o, int64_t c, const GradSums<acc_t>& s) {
   o.sum_dy[c] = s.g;
   o.sum_dy_xmu[c] = s.gx;
+  if (o.grad_weight != nullptr) o.grad_weight[c] = o.used[c] ? s.gx * o.invstd[c] : acc_t(0);
   if (o.params != nullptr)
     write_grad_params(o.params, o.channels, c, o.mean[c], o.invstd[c], o.weight[c], o.bias[c], s.g, s.gx,
                       o.training ? o.count[c] : acc_t(0), o.training);
@@ -362,8 +365,13 @@ inline unsigned per_channel_blocks(int64_t C) {
   return unsigned(std::min<int64_t>(ceil_div(C, kThreads), 4096));
 }
 
-// Blocks that keep every SM busy with enough loads in flight to saturate memory bandwidth.
-int64_t target_blocks();
+// Blocks of `kernel` (kThreads threads, `smem` bytes of dynamic shared memory) that fit on the GPU
+// at once (the CUDA occupancy API): a split reduction sized to it fills every SM in one wave.
+int64_t resident_blocks(const void* kernel, size_t smem = 0);
+template <typename Kernel>
+int64_t resident_blocks_of(Kernel* kernel) {
+  return resident_blocks(reinterpret_cast<const void*>(kernel));
+}
 
 bool aligned16(const void* p);
 
@@ -372,13 +380,15 @@ struct PlanesShape {  // reductions over planes: grid (chunks, channels), block 
   int bx = 1, by = kThreads;
   int64_t n_per = 1, s_per = 1, chunks_s = 1, chunks = 1;
 };
-PlanesShape planes_shape(const Problem& p, int vec, bool split);
+// resident: resident_blocks of the reduction kernel it launches (it splits channels to fill them),
+// 0 for the element-wise kernels (never split).
+PlanesShape planes_shape(const Problem& p, int vec, int64_t resident);
 
 struct RowsShape {  // reductions over rows: grid (channel tiles, chunks), block (bx, by)
   int bx = 1, by = kThreads;
   int64_t tiles = 1, rows_per_chunk = 1, chunks = 1;
 };
-RowsShape rows_shape(const Problem& p, int vec, bool split);
+RowsShape rows_shape(const Problem& p, int vec, int64_t resident);
 
 // Where a statistics kernel writes the final values (chunks 1; stats_impl adds the workspace):
 // used by launch_stats (stats.cu) and try_fused_forward (normalize.cu).
@@ -412,6 +422,8 @@ StatsOut<acc_t> stats_out(const Problem& p, const at::Tensor& mean, const at::Te
 void launch_stats(const Problem& p, bool routed, bool all_channels, const at::Tensor& mean, const at::Tensor& var,
                   const at::Tensor& count, const at::Tensor& invstd, const at::Tensor& scale_shift,
                   const at::Tensor& weight, const at::Tensor& bias, double eps);
+// resident_blocks of the planes statistics kernel launch_stats would launch for p (vec: 16-byte loads).
+int64_t planes_stats_resident(const Problem& p, bool vec);
 void launch_update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
                                  const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count,
                                  double momentum);
@@ -428,10 +440,11 @@ bool try_fused_forward(const Problem& p, const at::Tensor& y, bool routed, bool 
 
 // ---- backward (backward.cu)
 // sum_dy/sum_dy_xmu [C]; params ([5][C], optional) from count (training) for launch_grad_apply.
+// grad_weight ([C], acc type, optional): written by the same kernels (no separate op).
 void launch_grad_reduce(const Problem& p, const at::Tensor& dy, const at::Tensor& mean, const at::Tensor& invstd,
                         const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& sum_dy,
                         const at::Tensor& sum_dy_xmu, const at::Tensor& params, const at::Tensor& count,
-                        bool training);
+                        bool training, const at::Tensor& grad_weight = at::Tensor());
 void launch_grad_params(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
                         const at::Tensor& bias, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
                         const at::Tensor& count, bool training, const at::Tensor& params);

@@ -150,13 +150,13 @@ void apply_impl(const Problem& p, const at::Tensor& y, const acc_t* params) {
   const scalar_t* x = p.x.data_ptr<scalar_t>();
   scalar_t* out = y.data_ptr<scalar_t>();
   if (p.rows) {
-    const RowsShape sh = rows_shape(p, VEC, /*split=*/false);
+    const RowsShape sh = rows_shape(p, VEC, /*resident=*/0);
     const int64_t M = p.n * p.s;
     const unsigned grid_y = unsigned(std::clamp<int64_t>(ceil_div(M, int64_t(sh.by) * kUnroll), 1, kMaxGridY));
     rows_apply_kernel<scalar_t, acc_t, VEC><<<dim3(sh.tiles, grid_y), dim3(sh.bx, sh.by), 0, stream>>>(
         x, out, M, p.c, p.s, p.r, params);
   } else {
-    const PlanesShape sh = planes_shape(p, VEC, /*split=*/false);
+    const PlanesShape sh = planes_shape(p, VEC, /*resident=*/0);
     const int64_t P = p.n * p.c;
     const unsigned grid_x = unsigned(std::clamp<int64_t>(ceil_div(p.s, int64_t(sh.bx) * VEC * kUnroll), 1, kMaxGridX));
     const unsigned grid_y = unsigned(std::clamp<int64_t>(ceil_div(P, sh.by), 1, kMaxGridY));
@@ -206,13 +206,13 @@ bool try_fused_forward(const Problem& p, const at::Tensor& y, bool routed, bool 
     constexpr int V = vec_size<scalar_t>();
     const bool vec = aligned16(p.x.data_ptr()) && aligned16(y.data_ptr()) && p.s % V == 0;
     // Only where one block per channel already fills the GPU (else the split reduction wins).
-    if (planes_shape(p, vec ? V : 1, /*split=*/true).chunks != 1) return;
+    if (planes_shape(p, vec ? V : 1, planes_stats_resident(p, vec)).chunks != 1) return;
     const StatsOut<acc_t> out = stats_out<acc_t>(p, mean, var, count, invstd, at::Tensor(), weight, bias, eps);
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     const size_t smem = size_t(ceil_div(bytes, 16) * 16);
     auto launch = [&](auto vec_tag) {
       constexpr int W = decltype(vec_tag)::value;
-      const PlanesShape sh = planes_shape(p, W, /*split=*/false);
+      const PlanesShape sh = planes_shape(p, W, /*resident=*/0);
       planes_fused_forward_kernel<scalar_t, acc_t, W><<<unsigned(p.c), dim3(sh.bx, sh.by), smem, stream>>>(
           p.x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p.n, p.c, p.s, p.r, p.used.data_ptr<bool>(), routed,
           all_channels, out);

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <map>
 #include <tuple>
 
 #include "kernels.cuh"
@@ -23,29 +24,30 @@ namespace cuda {
 
 using at::Tensor;
 
-int64_t target_blocks() {
-  static thread_local int device = -1;
-  static thread_local int64_t blocks = 0;
-  const int current = at::cuda::current_device();
-  if (current != device) {
-    device = current;
-    blocks = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 4;
-  }
-  return blocks;
+int64_t resident_blocks(const void* kernel, size_t smem) {
+  // Cached per kernel and device: the occupancy query reads the kernel's attributes.
+  static thread_local std::map<std::tuple<const void*, size_t, int>, int64_t> cache;
+  const auto key = std::make_tuple(kernel, smem, int(at::cuda::current_device()));
+  const auto found = cache.find(key);
+  if (found != cache.end()) return found->second;
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return cache[key] = int64_t(std::max(per_sm, 1)) * sms;
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-PlanesShape planes_shape(const Problem& p, int vec, bool split) {
+PlanesShape planes_shape(const Problem& p, int vec, int64_t resident) {
   PlanesShape sh;
   const int64_t N = p.n, C = p.c, S = p.s;
   sh.bx = std::min(kThreads, next_pow2(std::max<int64_t>(1, ceil_div(S, int64_t(vec) * kUnroll))));
   sh.by = kThreads / sh.bx;
   int64_t chunks = 1;
-  const int64_t target = target_blocks();
-  if (split && C < target) {  // one block per channel would leave SMs idle: split each channel
+  if (C < resident) {  // one block per channel would leave SMs idle: split each channel
+    // Rounded down, so that C * chunks blocks run in one wave (no partial last wave).
     const int64_t min_per_block = int64_t(kThreads) * vec * kUnroll * 2;
-    chunks = std::max<int64_t>(1, std::min(ceil_div(target, C), ceil_div(N * S, min_per_block)));
+    chunks = std::max<int64_t>(1, std::min(resident / C, ceil_div(N * S, min_per_block)));
   }
   // Samples first (whole planes), then positions within a plane (multiples of vec).
   int64_t chunks_n = std::max<int64_t>(1, std::min(chunks, ceil_div(N, sh.by)));
@@ -59,7 +61,7 @@ PlanesShape planes_shape(const Problem& p, int vec, bool split) {
   return sh;
 }
 
-RowsShape rows_shape(const Problem& p, int vec, bool split) {
+RowsShape rows_shape(const Problem& p, int vec, int64_t resident) {
   RowsShape sh;
   sh.bx = std::min(32, next_pow2(std::max<int64_t>(1, ceil_div(p.c, vec))));
   sh.by = kThreads / sh.bx;
@@ -67,9 +69,8 @@ RowsShape rows_shape(const Problem& p, int vec, bool split) {
   TORCH_CHECK(sh.tiles <= kMaxGridX, "taskrouting: too many channels for the CUDA kernels: ", p.c);
   const int64_t M = p.n * p.s;
   int64_t chunks = 1;
-  const int64_t target = target_blocks();
-  if (split && sh.tiles < target) {
-    chunks = std::max<int64_t>(1, std::min(ceil_div(target, sh.tiles), ceil_div(M, int64_t(sh.by) * kUnroll * 2)));
+  if (sh.tiles < resident) {  // rounded down as in planes_shape
+    chunks = std::max<int64_t>(1, std::min(resident / sh.tiles, ceil_div(M, int64_t(sh.by) * kUnroll * 2)));
     chunks = std::min<int64_t>(chunks, kMaxGridY);
   }
   sh.rows_per_chunk = std::max<int64_t>(1, ceil_div(M, chunks));
@@ -197,21 +198,27 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_route_backward_cuda(
   const c10::cuda::CUDAGuard guard(cuda_device(x));
   const BackwardInputs in = prepare_backward(grad_y, x, route, weight, bias, mean, invstd);
   const Tensor count = checked_count(count_in, in.p.x, training);
-  Tensor sum_dy = at::zeros({in.p.c}, in.mean.options()), sum_dy_xmu = at::zeros_like(sum_dy);
+  // The reduce writes every channel's sums (and grad_weight): no zero-fill unless it does not run.
+  const bool reduce = training || output_mask[1] || output_mask[2];
+  const auto sums_options = in.mean.options();
+  Tensor sum_dy = reduce ? at::empty({in.p.c}, sums_options) : at::zeros({in.p.c}, sums_options);
+  Tensor sum_dy_xmu = reduce ? at::empty_like(sum_dy) : at::zeros_like(sum_dy);
+  const bool has_weight = weight.has_value() && weight->defined();
+  const Tensor grad_weight = output_mask[1] && has_weight ? at::empty_like(sum_dy) : Tensor();
   Tensor dx = output_mask[0] ? at::empty_like(in.p.x) : empty_grad(in.p.x);
   const Tensor params = output_mask[0] ? at::empty({5, in.p.c}, in.mean.options()) : Tensor();
-  if (training || output_mask[1] || output_mask[2]) {
-    launch_grad_reduce(in.p, in.dy, in.mean, in.invstd, in.w, in.b, sum_dy, sum_dy_xmu, params, count, training);
+  if (reduce) {
+    launch_grad_reduce(in.p, in.dy, in.mean, in.invstd, in.w, in.b, sum_dy, sum_dy_xmu, params, count, training,
+                       grad_weight);
   } else if (output_mask[0]) {
     launch_grad_params(in.mean, in.invstd, in.w, in.b, sum_dy, sum_dy_xmu, count, training, params);
   }
   if (output_mask[0]) launch_grad_apply(in.p, in.dy, dx, params, training, routed_stats);
   auto param_grad = [&](const std::optional<Tensor>& param, const Tensor& value, bool needed) {
     if (!needed || !param.has_value() || !param->defined()) return empty_grad(in.p.x);
-    return value.to(param->scalar_type());
+    return value.to(param->scalar_type());  // no copy for float32 parameters of float32/half x
   };
-  return {dx, param_grad(weight, grad_weight_of(route, sum_dy_xmu, in.invstd), output_mask[1]),
-          param_grad(bias, sum_dy, output_mask[2])};
+  return {dx, param_grad(weight, grad_weight, output_mask[1]), param_grad(bias, sum_dy, output_mask[2])};
 }
 
 void update_running_stats_cuda(Tensor& running_mean, Tensor& running_var, const Tensor& mean, const Tensor& var,

@@ -144,12 +144,12 @@ void stats_impl(const Problem& p, bool routed, bool all_channels, StatsOut<acc_t
     }
   };
   if (p.rows) {
-    const RowsShape sh = rows_shape(p, VEC, /*split=*/true);
+    const RowsShape sh = rows_shape(p, VEC, resident_blocks_of(rows_stats_kernel<scalar_t, acc_t, VEC>));
     workspace(sh.chunks);
     rows_stats_kernel<scalar_t, acc_t, VEC><<<dim3(sh.tiles, sh.chunks), dim3(sh.bx, sh.by), 0, stream>>>(
         x, p.n * p.s, p.c, p.s, sh.rows_per_chunk, p.r, used, routed, all_channels, out);
   } else {
-    const PlanesShape sh = planes_shape(p, VEC, /*split=*/true);
+    const PlanesShape sh = planes_shape(p, VEC, resident_blocks_of(planes_stats_kernel<scalar_t, acc_t, VEC>));
     workspace(sh.chunks);
     const unsigned grid_y = unsigned(std::min<int64_t>(p.c, kMaxGridY));
     planes_stats_kernel<scalar_t, acc_t, VEC><<<dim3(sh.chunks, grid_y), dim3(sh.bx, sh.by), 0, stream>>>(
@@ -163,6 +163,17 @@ void stats_impl(const Problem& p, bool routed, bool all_channels, StatsOut<acc_t
 }
 
 }  // namespace
+
+int64_t planes_stats_resident(const Problem& p, bool vec) {
+  int64_t blocks = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "taskrouting_stats_resident", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int V = vec_size<scalar_t>();
+    blocks = vec ? resident_blocks_of(planes_stats_kernel<scalar_t, acc_t, V>)
+                 : resident_blocks_of(planes_stats_kernel<scalar_t, acc_t, 1>);
+  });
+  return blocks;
+}
 
 void launch_stats(const Problem& p, bool routed, bool all_channels, const at::Tensor& mean, const at::Tensor& var,
                   const at::Tensor& count, const at::Tensor& invstd, const at::Tensor& scale_shift,
