@@ -129,6 +129,26 @@ inline ForwardOutputs forward_outputs(const at::Tensor& x, bool training,
 }
 
 // The backward's per-channel inputs, checked against x (already in its processing layout).
+// update_task_running_stats: task rows [T, C], counts [T] (int64), batches 0-dim (int64), task in range.
+inline void check_task_update(const at::Tensor& task_mean, const at::Tensor& task_var, const at::Tensor& task_count,
+                              const at::Tensor& task_last, const at::Tensor& batches, int64_t task) {
+  TORCH_CHECK_VALUE(task_mean.dim() == 2 && task_var.sizes() == task_mean.sizes(),
+                    "task_mean and task_var must be [T, C] tensors of one size, got ", task_mean.sizes(), " and ",
+                    task_var.sizes());
+  const int64_t T = task_mean.size(0);
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&task_count, "task_count"},
+                                {&task_last, "task_last"}}) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->numel() == T && t->scalar_type() == at::kLong && t->is_contiguous(),
+                      name, " must be a contiguous int64 [", T, "] tensor, got ", t->scalar_type(), " ", t->sizes());
+    TORCH_CHECK_VALUE(t->device() == task_mean.device(), name, " is on ", t->device(), " but task_mean is on ",
+                      task_mean.device());
+  }
+  TORCH_CHECK_VALUE(batches.numel() == 1 && batches.scalar_type() == at::kLong && batches.device() == task_mean.device(),
+                    "batches must be a one-element int64 tensor on ", task_mean.device(), ", got ",
+                    batches.scalar_type(), " ", batches.sizes(), " on ", batches.device());
+  TORCH_CHECK_VALUE(task >= 0 && task < T, "task must be in [0, ", T, "), got ", task);
+}
+
 struct BackwardTensors {
   at::Tensor dy, mean, invstd, w, b;
 };

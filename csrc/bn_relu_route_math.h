@@ -56,6 +56,13 @@ TR_HOST_DEVICE void update_running(acc_t& running_mean, acc_t& running_var, acc_
   running_var = running_var * (acc_t(1) - momentum) + unbiased * momentum;
 }
 
+// The update factor of a task's running statistics (taskrouting/nn/task_stats.py): 1/n, the task's
+// n-th batch, with momentum None (cumulative); else 1 - (1 - m)^gap for a task last updated gap
+// batches of the layer ago. In double, as the host computes it.
+TR_HOST_DEVICE double task_factor(int64_t n, int64_t gap, bool cumulative, double momentum) {
+  return cumulative ? 1.0 / double(n) : 1.0 - ::pow(1.0 - momentum, double(gap));
+}
+
 // Normalisation and affine folded into y_pre = x * scale + shift.
 template <typename acc_t>
 struct ScaleShift {

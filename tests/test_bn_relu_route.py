@@ -548,6 +548,47 @@ def test_update_running_stats_op(backend, device, dtype):
         torch.ops.taskrouting.update_running_stats(*got, mean.to(device), var.to(device), count[:3].to(device), 0.3)
 
 
+def _task_update_args(device, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    rows = (torch.randn(3, 5, generator=g).to(dtype), (torch.rand(3, 5, generator=g) + 0.5).to(dtype))
+    counts = (torch.tensor([3, 0, 7]), torch.tensor([9, 0, 12]), torch.tensor(12))
+    stats = (torch.randn(5, generator=g), torch.rand(5, generator=g), torch.tensor([4.0, 1.0, 0.0, 9.0, 9.0]))
+    return [t.to(device) for t in rows + counts] + [1] + [t.to(device) for t in stats]
+
+
+@pytest.mark.backends("cpu", "cuda")
+@pytest.mark.parametrize("momentum", [0.1, None, -1.2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+def test_update_task_running_stats_op(backend, device, dtype, momentum):
+    """The native per-task update (factor from the counts, row, counts) against the PyTorch one; opcheck."""
+    from taskrouting.ops.reference import update_task_running_stats
+    expected, got = _task_update_args("cpu", dtype), _task_update_args(device, dtype)
+    update_task_running_stats(*expected, momentum)
+    torch.ops.taskrouting.update_task_running_stats(*got, momentum)
+    for g, e in zip(got, expected):
+        if isinstance(g, torch.Tensor):
+            torch.testing.assert_close(g.cpu(), e)
+    assert got[2].tolist() == [3, 1, 7] and got[3].tolist() == [9, 13, 12]  # task 1 counted at batch 13
+    torch.library.opcheck(torch.ops.taskrouting.update_task_running_stats.default,
+                          (*_task_update_args(device, dtype), momentum))
+
+
+@pytest.mark.backends("cpu", "cuda")
+@pytest.mark.parametrize("change, match", [
+    (lambda a: a.__setitem__(5, 3), r"task must be in \[0, 3\)"),
+    (lambda a: a.__setitem__(2, a[2].float()), "task_count must be a contiguous int64"),
+    (lambda a: a.__setitem__(4, a[4].float()), "batches must be a one-element int64"),
+    (lambda a: a.__setitem__(6, a[6][:4]), "mean must have shape"),
+], ids=["task", "task_count", "batches", "mean"])
+def test_update_task_running_stats_rejects_bad_arguments_and_changes_nothing(backend, device, change, match):
+    args = _task_update_args(device)
+    change(args)
+    before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    with pytest.raises(ValueError, match=match):
+        torch.ops.taskrouting.update_task_running_stats(*args, 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(args, before) if isinstance(a, torch.Tensor))
+
+
 # ----------------------------------------------------------------------------- errors, opcheck, compile
 def test_bad_arguments_raise_clear_errors(backend, family, device):
     op = lambda name: ops.family_op(family, name)

@@ -114,10 +114,11 @@ def test_memory_efficient_is_a_checked_bool_and_kept_out_of_the_state_dict():
     b.load_state_dict(a.state_dict())
 
 
-def test_memory_efficient_task_stats_model_compiles_fullgraph_with_the_eager_gradients_and_stats():
+@pytest.mark.parametrize("build", [vgg11_bn, resnet50], ids=["vgg11_bn", "resnet50"])
+def test_memory_efficient_task_stats_model_compiles_fullgraph_with_the_eager_gradients_and_stats(build):
     torch.manual_seed(0)
-    model = vgg11_bn(3, width_mult=0.125, seed=0, memory_efficient=True)
-    twin = vgg11_bn(3, width_mult=0.125, seed=0, memory_efficient=True)
+    model = build(3, width_mult=0.125, seed=0, memory_efficient=True)
+    twin = build(3, width_mult=0.125, seed=0, memory_efficient=True)
     twin.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 32, 32)
     model(x, task=1).square().sum().backward()

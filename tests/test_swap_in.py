@@ -20,6 +20,7 @@ from taskrouting.data import load_dataset
 from taskrouting.models import ReferenceBNReLURoute2d, extract_subnetwork
 from taskrouting.nn import BNReLURoute1d, BNReLURoute2d, BNReLURoute3d, fuse, make_masks
 from taskrouting.nn.task_stats import TASK_BUFFERS
+from taskrouting.ops.schemas import NATIVE_TASK_UPDATE
 from taskrouting.training import TrainConfig, predict
 from taskrouting.training.evaluation import evaluate
 
@@ -249,16 +250,21 @@ def test_one_task_per_batch_rows_equal_a_batchnorm_per_task(backend, momentum):
         torch.testing.assert_close(layer(x, task=t), F.relu(per_task[t](x)) * layer.masks[t].view(1, -1, 1, 1))
 
 
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_device_side_task_factors_equal_the_host_ones(momentum):
-    """The factors a GPU computes on the device (no host read) are the CPU's, here run on the CPU."""
-    host, device = _layer("reference", momentum), _layer("reference", momentum)
-    device._task_factor = device._device_task_factor
+@pytest.mark.parametrize("momentum", [0.1, None, -1.2])
+def test_task_row_update_in_pytorch_ops_equals_the_compiled_op(momentum, monkeypatch):
+    """Where no compiled ``update_task_running_stats`` exists, the PyTorch-ops fallback (no host read)
+    keeps the same rows and counts as the compiled op."""
+    if not NATIVE_TASK_UPDATE["cpu"]:
+        pytest.skip("needs the compiled extension")
+    compiled, fallback = _layer("reference", momentum), _layer("reference", momentum)
     g = torch.Generator().manual_seed(1)
     for t in (0, 2, 2, 1, 0, 2):
         x = torch.randn(4, 6, 3, 3, generator=g) + t
-        torch.testing.assert_close(device(x, task=t), host(x, task=t))
-    torch.testing.assert_close(device.state_dict(), host.state_dict())
+        expected = compiled(x, task=t)
+        with monkeypatch.context() as patch:
+            patch.setitem(NATIVE_TASK_UPDATE, "cpu", False)
+            torch.testing.assert_close(fallback(x, task=t), expected)
+    torch.testing.assert_close(fallback.state_dict(), compiled.state_dict())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

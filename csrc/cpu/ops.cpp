@@ -167,11 +167,25 @@ void update_running_stats_cpu(Tensor& running_mean, Tensor& running_var, const T
   update_running_stats(running_mean, running_var, mean_in, var_in, count_in, momentum);
 }
 
+void update_task_running_stats_cpu(Tensor& task_mean, Tensor& task_var, Tensor& task_count, Tensor& task_last,
+                                   const Tensor& batches, int64_t task, const Tensor& mean, const Tensor& var,
+                                   const Tensor& count, std::optional<double> momentum) {
+  check_task_update(task_mean, task_var, task_count, task_last, batches, task);
+  Tensor row_mean = task_mean.select(0, task), row_var = task_var.select(0, task);
+  check_running_update(row_mean, row_var, mean, var, count);
+  int64_t *n = task_count.data_ptr<int64_t>() + task, *last = task_last.data_ptr<int64_t>() + task;
+  const int64_t batch = batches.data_ptr<int64_t>()[0] + 1;  // this batch: the layer counts it after the op
+  update_running_stats(row_mean, row_var, mean, var, count,
+                       task_factor(*n + 1, batch - *last, !momentum.has_value(), momentum.value_or(0.0)));
+  *n += 1, *last = batch;  // after the update: a rejected call changes nothing
+}
+
 }  // namespace
 }  // namespace cpu
 
 TORCH_LIBRARY_IMPL(taskrouting, CPU, m) {
   m.impl("update_running_stats", &cpu::update_running_stats_cpu);
+  m.impl("update_task_running_stats", &cpu::update_task_running_stats_cpu);
   m.impl("bn_relu_route", &cpu::bn_relu_route_cpu);
   m.impl("bn_relu_route_backward", &cpu::bn_relu_route_backward_cpu);
   m.impl("channel_stats", &cpu::channel_stats_cpu);

@@ -428,6 +428,12 @@ void launch_update_running_stats(const at::Tensor& running_mean, const at::Tenso
                                  const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count,
                                  double momentum);
 
+// One launch: the task's update factor computed on the device, its row updated, its counts advanced.
+void launch_update_task_running_stats(const at::Tensor& task_mean, const at::Tensor& task_var,
+                                      const at::Tensor& task_count, const at::Tensor& task_last,
+                                      const at::Tensor& batches, int64_t task, const at::Tensor& mean,
+                                      const at::Tensor& var, const at::Tensor& count, std::optional<double> momentum);
+
 // ---- normalize (normalize.cu)
 void launch_forward_params(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
                            const at::Tensor& bias, const at::Tensor& scale_shift);

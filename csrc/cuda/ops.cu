@@ -230,11 +230,24 @@ void update_running_stats_cuda(Tensor& running_mean, Tensor& running_var, const 
   launch_update_running_stats(running_mean, running_var, mean, var, count, momentum);
 }
 
+void update_task_running_stats_cuda(Tensor& task_mean, Tensor& task_var, Tensor& task_count, Tensor& task_last,
+                                    const Tensor& batches, int64_t task, const Tensor& mean, const Tensor& var,
+                                    const Tensor& count, std::optional<double> momentum) {
+  check_task_update(task_mean, task_var, task_count, task_last, batches, task);
+  check_running_update(task_mean.select(0, task), task_var.select(0, task), mean, var, count);
+  TORCH_CHECK_VALUE(task_mean.is_cuda(), "task_mean must be a CUDA tensor for the CUDA kernel, got one on ",
+                    task_mean.device());
+  const c10::cuda::CUDAGuard guard(task_mean.device());
+  launch_update_task_running_stats(task_mean, task_var, task_count, task_last, batches, task, mean, var, count,
+                                   momentum);
+}
+
 }  // namespace
 }  // namespace cuda
 
 TORCH_LIBRARY_IMPL(taskrouting, CUDA, m) {
   m.impl("update_running_stats", &cuda::update_running_stats_cuda);
+  m.impl("update_task_running_stats", &cuda::update_task_running_stats_cuda);
   m.impl("bn_relu_route", &cuda::bn_relu_route_cuda);
   m.impl("bn_relu_route_backward", &cuda::bn_relu_route_backward_cuda);
   m.impl("channel_stats", &cuda::channel_stats_cuda);

@@ -130,6 +130,25 @@ __global__ void update_running_kernel(int64_t C, scalar_t* __restrict__ running_
   }
 }
 
+// One block: every thread reads the task's count and last batch before thread 0 advances them.
+template <typename scalar_t, typename acc_t>
+__global__ void update_task_running_kernel(int64_t C, scalar_t* __restrict__ row_mean, scalar_t* __restrict__ row_var,
+                                           int64_t* __restrict__ task_count, int64_t* __restrict__ task_last,
+                                           const int64_t* __restrict__ batches, const acc_t* __restrict__ mean,
+                                           const acc_t* __restrict__ var, const acc_t* __restrict__ count,
+                                           bool cumulative, double momentum) {
+  const int64_t n = *task_count + 1, batch = *batches + 1;
+  const acc_t factor = static_cast<acc_t>(task_factor(n, batch - *task_last, cumulative, momentum));
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    acc_t rm = static_cast<acc_t>(row_mean[c]), rv = static_cast<acc_t>(row_var[c]);
+    update_running<acc_t>(rm, rv, mean[c], var[c], count[c], factor);
+    row_mean[c] = static_cast<scalar_t>(rm);
+    row_var[c] = static_cast<scalar_t>(rv);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) *task_count = n, *task_last = batch;
+}
+
 template <typename scalar_t, typename acc_t, int VEC>
 void stats_impl(const Problem& p, bool routed, bool all_channels, StatsOut<acc_t> out) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -204,6 +223,25 @@ void launch_update_running_stats(const at::Tensor& running_mean, const at::Tenso
     update_running_kernel<scalar_t, acc_t><<<per_channel_blocks(C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         C, running_mean.data_ptr<scalar_t>(), running_var.data_ptr<scalar_t>(), m.data_ptr<acc_t>(),
         v.data_ptr<acc_t>(), n.data_ptr<acc_t>(), static_cast<acc_t>(momentum));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void launch_update_task_running_stats(const at::Tensor& task_mean, const at::Tensor& task_var,
+                                      const at::Tensor& task_count, const at::Tensor& task_last,
+                                      const at::Tensor& batches, int64_t task, const at::Tensor& mean,
+                                      const at::Tensor& var, const at::Tensor& count, std::optional<double> momentum) {
+  const at::Tensor row_mean = task_mean.select(0, task), row_var = task_var.select(0, task);
+  const int64_t C = row_mean.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, task_mean.scalar_type(),
+                                  "taskrouting_update_task_running_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc = task_mean.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const at::Tensor m = mean.to(acc).contiguous(), v = var.to(acc).contiguous(), n = count.to(acc).contiguous();
+    update_task_running_kernel<scalar_t, acc_t><<<1, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        C, row_mean.data_ptr<scalar_t>(), row_var.data_ptr<scalar_t>(), task_count.data_ptr<int64_t>() + task,
+        task_last.data_ptr<int64_t>() + task, batches.data_ptr<int64_t>(), m.data_ptr<acc_t>(), v.data_ptr<acc_t>(),
+        n.data_ptr<acc_t>(), !momentum.has_value(), momentum.value_or(0.0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

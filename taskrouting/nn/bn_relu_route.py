@@ -1,6 +1,8 @@
 """BNReLURoute1d/2d/3d: BatchNorm → ReLU → Task Routing as one fused layer."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -107,9 +109,9 @@ class _BNReLURoute(CheckedStateLoad, TaskStats, nn.modules.batchnorm._NormBase, 
             return ops.bn_relu_route_on(x, self.masks[task], self.weight, self.bias, mean, var, False, 0.0,
                                         self.eps, self.stats, self.backend)
         shared = (None, None, 0.0) if shared_factor is None else (self.running_mean, self.running_var, shared_factor)
-        row = (mean, var, self._task_factor(task))
         return self._bn_relu_route_on(x, self.masks[task], self.weight, self.bias, *shared[:2], True, shared[2],
-                                      self.eps, self.stats, self.backend, also_update=row)
+                                      self.eps, self.stats, self.backend,
+                                      also_update=functools.partial(self._update_task_row, task))
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, num_tasks={self.num_tasks}, sharing_ratio={self.sharing_ratio}, "

@@ -72,7 +72,7 @@ class _SyncedBNReLURoute(torch.autograd.Function):
         if running_mean is not None:
             _update_running_stats(running_mean, running_var, mean, var, count, momentum)
         if also_update is not None:  # a task's row (task_stats), from the same merged statistics
-            _update_running_stats(*also_update[:2], mean, var, count, also_update[2])
+            also_update(mean, var, count)
         y = torch.empty_like(x) if x.shape[0] == 0 else stages.normalize_relu_route(x, route, mean, invstd,
                                                                                       weight, bias)
         ctx.save_for_backward(x, weight, bias, route, mean, invstd, count, extra)

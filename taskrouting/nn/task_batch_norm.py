@@ -40,21 +40,32 @@ class TaskBatchNorm2d(CheckedStateLoad, TaskStats, nn.BatchNorm2d, TaskCondition
     def _task_batch_norm(self, x: torch.Tensor, task) -> torch.Tensor:
         if isinstance(task, torch.Tensor) and task.dim() == 0:
             task = int(task)
-        if isinstance(task, torch.Tensor) and self.training:
-            self._check_group_sizes(x, task)
+        if not self.training:
+            return self._eval_one_task(x, task) if isinstance(task, int) else self._grouped(x, task,
+                                                                                            self._eval_one_task)
         if isinstance(task, int):
-            y = self._one_task_batch_norm(x, task)
-        else:
-            y = self._grouped(x, task, self._one_task_batch_norm)
-        if self.training:  # after the rows, which date their update by the batch count before this batch
-            with torch.no_grad():
-                nn.BatchNorm2d.forward(self, x)  # the shared statistics, as nn.BatchNorm2d keeps them
+            F._verify_batch_size(x.size())  # before any update: a rejected batch changes no state
+            self._update_task_row(task, *self._batch_stats(x))
+            return nn.BatchNorm2d.forward(self, x)  # the batch's normalisation and the shared statistics
+        self._check_group_sizes(x, task)
+        y = self._grouped(x, task, self._train_one_task)
+        with torch.no_grad():  # after the rows, which date their update by the batch count before this batch
+            nn.BatchNorm2d.forward(self, x)  # the shared statistics, as nn.BatchNorm2d keeps them
         return y
 
-    def _one_task_batch_norm(self, x: torch.Tensor, task: int) -> torch.Tensor:
+    @staticmethod
+    def _batch_stats(x: torch.Tensor):
+        """Per-channel mean, biased variance and value count of ``x``."""
+        mean, var = torch.batch_norm_update_stats(x.detach(), None, None, 0.0)
+        return mean, var, torch.full_like(mean, x.numel() // x.shape[1])
+
+    def _train_one_task(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        self._update_task_row(task, *self._batch_stats(x))
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+    def _eval_one_task(self, x: torch.Tensor, task: int) -> torch.Tensor:
         mean, var = self._task_rows(task)
-        factor = float(self._task_factor(task)) if self.training else 0.0  # F.batch_norm takes a float
-        return F.batch_norm(x, mean, var, self.weight, self.bias, self.training, factor, self.eps)
+        return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_tasks={self.num_tasks}" + (", task_stats=True" if self.task_stats else "")

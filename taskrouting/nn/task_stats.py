@@ -15,13 +15,16 @@ observed at every batch, held between its own. Each row is then as recent as the
 instead, a task of T gets 1/T of the updates and its row lags the weights by T times as many steps
 and keeps part of the initial (0, 1): on digits (10 tasks, 15 epochs) that kept 2 % of the initial
 variance in a layer whose true variance was 0.5 %, and ``model.eval()`` fell to the majority class.
-On a GPU the factors are computed on the device, so a step reads nothing back to the host.
+The factor, the row update and the counts are one ``update_task_running_stats`` call (one launch on
+a GPU, nothing read back to the host; traceable by ``torch.compile``).
 """
 from __future__ import annotations
 
 import warnings
 
 import torch
+
+from ..ops.bn_relu_route import update_task_rows
 
 __all__ = ["TaskStats", "TASK_BUFFERS", "task_stats_from_shared"]
 
@@ -66,31 +69,11 @@ class TaskStats:
             self.task_num_batches_tracked.zero_()
             self.task_last_batch.zero_()
 
-    def _task_factor(self, task: int):
-        """Counts a training batch of ``task`` and returns its row's update factor: ``1/n`` for
-        ``momentum=None``, else ``1 - (1 - m)**g`` (module docstring)."""
-        counts, last = self.task_num_batches_tracked, self.task_last_batch
-        if counts.device.type != "cpu" or torch.compiler.is_compiling():  # compiled: no data-dependent floats
-            return self._device_task_factor(task)
-        # Host memory: plain arithmetic costs less than tensor ops.
-        n, batch = int(counts[task]) + 1, int(self.num_batches_tracked) + 1
-        gap = batch - int(last[task])
-        counts[task], last[task] = n, batch
-        return 1.0 / n if self.momentum is None else 1.0 - (1.0 - self.momentum) ** gap
-
-    def _device_task_factor(self, task: int) -> torch.Tensor:
-        """``_task_factor`` as a 0-dim tensor computed on the buffers' device: nothing is read back to the host."""
-        counts, last = self.task_num_batches_tracked, self.task_last_batch
-        counts[task] += 1
-        batch = self.num_batches_tracked + 1  # this batch: the layer counts it once the op has run
-        dtype = self.task_running_var.dtype
-        if self.momentum is None:
-            factor = counts[task].to(dtype).reciprocal()
-        else:
-            gap = (batch - last[task]).to(dtype)
-            factor = 1 - torch.pow(torch.tensor(1.0 - self.momentum, dtype=dtype, device=gap.device), gap)
-        last[task] = batch
-        return factor
+    def _update_task_row(self, task: int, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+        """Counts a training batch of ``task`` and moves its row towards the batch statistics by
+        ``1/n`` for ``momentum=None``, else ``1 - (1 - m)**g`` (module docstring)."""
+        update_task_rows(self.task_running_mean, self.task_running_var, self.task_num_batches_tracked,
+                         self.task_last_batch, self.num_batches_tracked, task, mean, var, count, self.momentum)
 
     def _task_rows(self, task: int):
         """``task``'s running mean and variance: contiguous row views, updated in place."""

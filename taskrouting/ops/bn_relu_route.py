@@ -6,27 +6,32 @@ import torch
 from .backends import BACKENDS, family_op, resolve_backend
 from .checks import check_inputs
 from .recompute import note_output
-from .reference import bn_relu_route_reference, channel_stats, update_running_stats
+from .reference import bn_relu_route_reference, channel_stats, update_running_stats, update_task_running_stats
 from .route import select_route
-from .schemas import NATIVE_UPDATE
+from .schemas import NATIVE_TASK_UPDATE, NATIVE_UPDATE
 
-__all__ = ["bn_relu_route", "bn_relu_route_on", "combine_stats"]
+__all__ = ["bn_relu_route", "bn_relu_route_on", "combine_stats", "update_task_rows"]
 
 
-def _update_running_stats(running_mean, running_var, mean, var, count, momentum) -> None:
-    """One compiled kernel where there is one (a handful of tiny eager ops cost ~25 µs), else PyTorch.
-    ``momentum``: a float, or a 0-dim tensor (a per-task factor), read on the host only on the CPU."""
-    if isinstance(momentum, torch.Tensor):
-        # Reading it would stall the host (or, compiled, be data-dependent): the PyTorch ops take it as is.
-        if momentum.device.type != "cpu" or torch.compiler.is_compiling():
-            update_running_stats(running_mean, running_var, mean, var, count, momentum)
-            return
-        momentum = float(momentum)
+def _update_running_stats(running_mean, running_var, mean, var, count, momentum: float) -> None:
+    """One compiled kernel where there is one (a handful of tiny eager ops cost ~25 µs), else PyTorch."""
     if NATIVE_UPDATE.get(running_mean.device.type, False) and running_mean.is_contiguous() \
             and running_var.is_contiguous():
         torch.ops.taskrouting.update_running_stats(running_mean, running_var, mean, var, count, momentum)
     else:
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
+
+
+def update_task_rows(task_mean, task_var, task_count, task_last, batches, task: int, mean, var, count,
+                     momentum) -> None:
+    """``update_task_running_stats``: one compiled call where there is one (on a GPU: one launch, no host
+    read), else the same in PyTorch ops."""
+    args = (task_mean, task_var, task_count, task_last, batches, task, mean, var, count, momentum)
+    if NATIVE_TASK_UPDATE.get(task_mean.device.type, False) and task_mean.is_contiguous() \
+            and task_var.is_contiguous():
+        torch.ops.taskrouting.update_task_running_stats(*args)
+    else:
+        update_task_running_stats(*args)
 
 
 def bn_relu_route(x: torch.Tensor, masks: torch.Tensor, task, weight=None, bias=None,
@@ -50,9 +55,8 @@ def bn_relu_route_on(x, route, weight, bias, running_mean, running_var, training
                      backend, also_update=None):
     """``bn_relu_route`` on an already selected ``route`` (bool [C] or [N, C]) and checked inputs.
 
-    ``also_update``: ``(mean, var, momentum)``, a second pair of running stats (a task's row) that a
-    training call updates from the same batch statistics as ``running_mean``/``running_var``
-    (``momentum`` a float or a 0-dim tensor).
+    ``also_update``: a function that a training call also gives the batch statistics
+    ``(mean, var, count)`` it updates ``running_mean``/``running_var`` with (a task's row update).
     """
     name = resolve_backend(backend, x)
     routed = stats == "routed"
@@ -60,8 +64,7 @@ def bn_relu_route_on(x, route, weight, bias, running_mean, running_var, training
         y = bn_relu_route_reference(x, route, weight, bias, running_mean, running_var,
                                     training, momentum, eps, routed)
         if training and also_update is not None:
-            mean, var, count = channel_stats(x.detach(), route if routed else None)
-            _update_running_stats(*also_update[:2], mean, var, count, also_update[2])
+            also_update(*channel_stats(x.detach(), route if routed else None))
         return y
     family = BACKENDS[name].family
     track = training and (running_mean is not None or also_update is not None)
@@ -71,7 +74,7 @@ def bn_relu_route_on(x, route, weight, bias, running_mean, running_var, training
     if track and running_mean is not None:
         _update_running_stats(running_mean, running_var, mean, var, count, float(momentum))
     if track and also_update is not None:
-        _update_running_stats(*also_update[:2], mean, var, count, also_update[2])
+        also_update(mean, var, count)
     return y
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .layout import output_strides
 
 __all__ = ["bn_relu_route_reference", "bn_relu_route_backward_reference", "route_view", "route_select",
-           "update_running_stats", "unbiased_var", "channel_stats"]
+           "update_running_stats", "update_task_running_stats", "unbiased_var", "channel_stats"]
 
 
 def route_view(route: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -42,6 +42,22 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum: 
         new_var = running_var * (1 - momentum) + unbiased_var(var, count).to(running_var.dtype) * momentum
         running_mean.copy_(torch.where(seen, new_mean, running_mean))
         running_var.copy_(torch.where(seen, new_var, running_var))
+
+
+def update_task_running_stats(task_mean, task_var, task_count, task_last, batches, task: int, mean, var, count,
+                              momentum) -> None:
+    """Task ``task``'s row moved towards the batch statistics by ``1/n`` (``momentum`` None) or
+    ``1 - (1 - momentum)**gap``, its counts advanced (``nn/task_stats.py``); tensor ops, no host read."""
+    with torch.no_grad():
+        n, batch = task_count[task] + 1, batches.reshape(()) + 1
+        if momentum is None:
+            factor = n.to(torch.float64).reciprocal()
+        else:
+            gap = (batch - task_last[task]).to(torch.float64)
+            factor = 1 - torch.pow(torch.tensor(1.0 - momentum, dtype=torch.float64, device=gap.device), gap)
+        update_running_stats(task_mean[task], task_var[task], mean, var, count, factor.to(task_var.dtype))
+        task_count[task] = n
+        task_last[task] = batch
 
 
 def channel_stats(x, route=None):

@@ -21,7 +21,8 @@ from . import extension
 from .layout import empty_output
 from .reference import bn_relu_route_backward_reference
 
-__all__ = ["SCHEMAS", "FAMILIES", "UPDATE_SCHEMA", "NATIVE_KERNELS", "NATIVE_UPDATE", "stats_dtype"]
+__all__ = ["SCHEMAS", "FAMILIES", "UPDATE_SCHEMA", "TASK_UPDATE_SCHEMA", "NATIVE_KERNELS", "NATIVE_UPDATE",
+           "NATIVE_TASK_UPDATE", "stats_dtype"]
 
 # Statistics are float32 (float64 for float64 input); route is bool [C] or [N, C].
 # In eval (training=False) `var` and `count` are empty and `mean`/`invstd` come from the running stats.
@@ -60,6 +61,13 @@ DIFFERENTIABLE_BACKWARD_SCHEMA = (
 # Shared by every backend: the running-stat update, in place, compiled for CPU and CUDA.
 UPDATE_SCHEMA = ("update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
                  "Tensor var, Tensor count, float momentum) -> ()")
+
+# A task's row of per-task statistics (nn/task_stats.py): its update factor computed from its batch
+# count and the layer's (``momentum`` None: cumulative), the row updated, the counts advanced; in
+# one call, with no host read on a GPU.
+TASK_UPDATE_SCHEMA = ("update_task_running_stats(Tensor(a!) task_mean, Tensor(b!) task_var, Tensor(c!) task_count, "
+                      "Tensor(d!) task_last, Tensor batches, int task, Tensor mean, Tensor var, Tensor count, "
+                      "float? momentum) -> ()")
 
 
 def stats_dtype(x: torch.Tensor) -> torch.dtype:
@@ -156,7 +164,9 @@ for _prefix in FAMILIES.values():
 _LIB.define(UPDATE_SCHEMA)
 _LIB.define(DIFFERENTIABLE_BACKWARD_SCHEMA)
 _LIB.impl("bn_relu_route_backward_differentiable", bn_relu_route_backward_reference, "CompositeImplicitAutograd")
+_LIB.define(TASK_UPDATE_SCHEMA)
 torch.library.register_fake("taskrouting::update_running_stats", lambda *args: None, lib=_LIB)
+torch.library.register_fake("taskrouting::update_task_running_stats", lambda *args: None, lib=_LIB)
 
 extension.load()  # the compiled kernels (and their autograd) register against the schemas above
 for _prefix in FAMILIES.values():
@@ -166,3 +176,5 @@ NATIVE_KERNELS = {device_type: extension.has_kernel("bn_relu_route", torch.devic
                   for device_type in ("cpu", "cuda")}
 NATIVE_UPDATE = {device_type: extension.has_kernel("update_running_stats", torch.device(device_type))
                  for device_type in ("cpu", "cuda")}
+NATIVE_TASK_UPDATE = {device_type: extension.has_kernel("update_task_running_stats", torch.device(device_type))
+                      for device_type in ("cpu", "cuda")}
