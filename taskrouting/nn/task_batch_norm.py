@@ -55,9 +55,11 @@ class TaskBatchNorm2d(CheckedStateLoad, TaskStats, nn.BatchNorm2d, TaskCondition
 
     @staticmethod
     def _batch_stats(x: torch.Tensor):
-        """Per-channel mean, biased variance and value count of ``x``."""
+        """Per-channel mean, biased variance and value count of ``x`` (float32, float64 for float64 x:
+        a count above 65504 is not a half)."""
         mean, var = torch.batch_norm_update_stats(x.detach(), None, None, 0.0)
-        return mean, var, torch.full_like(mean, x.numel() // x.shape[1])
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return mean.to(dtype), var.to(dtype), torch.full_like(mean, x.numel() // x.shape[1], dtype=dtype)
 
     def _train_one_task(self, x: torch.Tensor, task: int) -> torch.Tensor:
         self._update_task_row(task, *self._batch_stats(x))
