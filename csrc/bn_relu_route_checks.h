@@ -128,7 +128,6 @@ inline ForwardOutputs forward_outputs(const at::Tensor& x, bool training,
   return out;
 }
 
-// The backward's per-channel inputs, checked against x (already in its processing layout).
 // update_task_running_stats: task rows [T, C], counts [T] (int64), batches 0-dim (int64), task in range.
 inline void check_task_update(const at::Tensor& task_mean, const at::Tensor& task_var, const at::Tensor& task_count,
                               const at::Tensor& task_last, const at::Tensor& batches, int64_t task) {
@@ -143,12 +142,14 @@ inline void check_task_update(const at::Tensor& task_mean, const at::Tensor& tas
     TORCH_CHECK_VALUE(t->device() == task_mean.device(), name, " is on ", t->device(), " but task_mean is on ",
                       task_mean.device());
   }
-  TORCH_CHECK_VALUE(batches.numel() == 1 && batches.scalar_type() == at::kLong && batches.device() == task_mean.device(),
+  const bool batches_ok = batches.numel() == 1 && batches.scalar_type() == at::kLong;
+  TORCH_CHECK_VALUE(batches_ok && batches.device() == task_mean.device(),
                     "batches must be a one-element int64 tensor on ", task_mean.device(), ", got ",
                     batches.scalar_type(), " ", batches.sizes(), " on ", batches.device());
   TORCH_CHECK_VALUE(task >= 0 && task < T, "task must be in [0, ", T, "), got ", task);
 }
 
+// The backward's per-channel inputs, checked against x (already in its processing layout).
 struct BackwardTensors {
   at::Tensor dy, mean, invstd, w, b;
 };

@@ -118,16 +118,23 @@ __global__ void __launch_bounds__(kThreads) stats_merge_kernel(StatsOut<acc_t> o
   if (threadIdx.x == 0) finalize_stats(out, c, w);
 }
 
+// Channel c of running stats stored as scalar_t, updated in acc_t: both update kernels.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void update_running_at(int64_t c, scalar_t* running_mean, scalar_t* running_var,
+                                                  const acc_t* mean, const acc_t* var, const acc_t* count,
+                                                  acc_t momentum) {
+  acc_t rm = static_cast<acc_t>(running_mean[c]), rv = static_cast<acc_t>(running_var[c]);
+  update_running<acc_t>(rm, rv, mean[c], var[c], count[c], momentum);
+  running_mean[c] = static_cast<scalar_t>(rm);
+  running_var[c] = static_cast<scalar_t>(rv);
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void update_running_kernel(int64_t C, scalar_t* __restrict__ running_mean, scalar_t* __restrict__ running_var,
                                       const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
                                       const acc_t* __restrict__ count, acc_t momentum) {
-  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < C; c += int64_t(gridDim.x) * blockDim.x) {
-    acc_t rm = static_cast<acc_t>(running_mean[c]), rv = static_cast<acc_t>(running_var[c]);
-    update_running<acc_t>(rm, rv, mean[c], var[c], count[c], momentum);
-    running_mean[c] = static_cast<scalar_t>(rm);
-    running_var[c] = static_cast<scalar_t>(rv);
-  }
+  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < C; c += int64_t(gridDim.x) * blockDim.x)
+    update_running_at(c, running_mean, running_var, mean, var, count, momentum);
 }
 
 // One block: every thread reads the task's count and last batch before thread 0 advances them.
@@ -139,12 +146,8 @@ __global__ void update_task_running_kernel(int64_t C, scalar_t* __restrict__ row
                                            bool cumulative, double momentum) {
   const int64_t n = *task_count + 1, batch = *batches + 1;
   const acc_t factor = static_cast<acc_t>(task_factor(n, batch - *task_last, cumulative, momentum));
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    acc_t rm = static_cast<acc_t>(row_mean[c]), rv = static_cast<acc_t>(row_var[c]);
-    update_running<acc_t>(rm, rv, mean[c], var[c], count[c], factor);
-    row_mean[c] = static_cast<scalar_t>(rm);
-    row_var[c] = static_cast<scalar_t>(rv);
-  }
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
+    update_running_at(c, row_mean, row_var, mean, var, count, factor);
   __syncthreads();
   if (threadIdx.x == 0) *task_count = n, *task_last = batch;
 }
@@ -179,6 +182,15 @@ void stats_impl(const Problem& p, bool routed, bool all_channels, StatsOut<acc_t
     stats_merge_kernel<acc_t><<<unsigned(ceil_div(p.c, kWarps)), dim3(32, kWarps), 0, stream>>>(out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+}
+
+// The batch statistics as the update kernels read them: contiguous, in the accumulation type of the
+// running statistics' dtype.
+struct AccStats {
+  at::Tensor mean, var, count;
+};
+AccStats acc_stats(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count, at::TensorOptions acc) {
+  return {mean.to(acc).contiguous(), var.to(acc).contiguous(), count.to(acc).contiguous()};
 }
 
 }  // namespace
@@ -219,10 +231,10 @@ void launch_update_running_stats(const at::Tensor& running_mean, const at::Tenso
                                   "taskrouting_update_running_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = running_mean.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const at::Tensor m = mean.to(acc).contiguous(), v = var.to(acc).contiguous(), n = count.to(acc).contiguous();
+    const AccStats st = acc_stats(mean, var, count, acc);
     update_running_kernel<scalar_t, acc_t><<<per_channel_blocks(C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        C, running_mean.data_ptr<scalar_t>(), running_var.data_ptr<scalar_t>(), m.data_ptr<acc_t>(),
-        v.data_ptr<acc_t>(), n.data_ptr<acc_t>(), static_cast<acc_t>(momentum));
+        C, running_mean.data_ptr<scalar_t>(), running_var.data_ptr<scalar_t>(), st.mean.data_ptr<acc_t>(),
+        st.var.data_ptr<acc_t>(), st.count.data_ptr<acc_t>(), static_cast<acc_t>(momentum));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -237,11 +249,11 @@ void launch_update_task_running_stats(const at::Tensor& task_mean, const at::Ten
                                   "taskrouting_update_task_running_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = task_mean.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const at::Tensor m = mean.to(acc).contiguous(), v = var.to(acc).contiguous(), n = count.to(acc).contiguous();
+    const AccStats st = acc_stats(mean, var, count, acc);
     update_task_running_kernel<scalar_t, acc_t><<<1, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         C, row_mean.data_ptr<scalar_t>(), row_var.data_ptr<scalar_t>(), task_count.data_ptr<int64_t>() + task,
-        task_last.data_ptr<int64_t>() + task, batches.data_ptr<int64_t>(), m.data_ptr<acc_t>(), v.data_ptr<acc_t>(),
-        n.data_ptr<acc_t>(), !momentum.has_value(), momentum.value_or(0.0));
+        task_last.data_ptr<int64_t>() + task, batches.data_ptr<int64_t>(), st.mean.data_ptr<acc_t>(),
+        st.var.data_ptr<acc_t>(), st.count.data_ptr<acc_t>(), !momentum.has_value(), momentum.value_or(0.0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

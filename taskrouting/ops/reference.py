@@ -34,8 +34,9 @@ def unbiased_var(var: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return var * (count / (count - 1).clamp_min(1))
 
 
-def update_running_stats(running_mean, running_var, mean, var, count, momentum: float) -> None:
-    """nn.BatchNorm's update, ``r = (1 - m) r + m stat``, skipping channels that saw no value."""
+def update_running_stats(running_mean, running_var, mean, var, count, momentum) -> None:
+    """nn.BatchNorm's update, ``r = (1 - m) r + m stat``, skipping channels that saw no value
+    (``momentum``: a float, or a 0-dim tensor as ``update_task_running_stats`` passes)."""
     with torch.no_grad():
         seen = count > 0
         new_mean = running_mean * (1 - momentum) + mean.to(running_mean.dtype) * momentum
