@@ -72,7 +72,8 @@ import torch
 import taskrouting
 from taskrouting.ops import extension as _extension
 assert _extension.loaded(), _extension.LOAD_ERROR
-missing = [op for op in ("bn_relu_route", "bn_relu_route_backward", "channel_stats", "normalize_relu_route",
+missing = [op for op in ("bn_relu_route", "bn_relu_route_backward", "bn_add_relu_route",
+                         "bn_add_relu_route_backward", "channel_stats", "normalize_relu_route",
                          "backward_reduce", "backward_apply", "update_running_stats", "update_task_running_stats")
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"taskrouting::{op}", "CUDA")]
 assert not missing, f"no CUDA kernel registered for {missing}"

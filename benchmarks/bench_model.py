@@ -1,4 +1,4 @@
-"""pytest-benchmark: one SGD training step of a routed VGG-11, fused vs reference vs no routing."""
+"""pytest-benchmark: one SGD training step of a routed VGG-11 and ResNet-50, fused vs reference vs no routing."""
 from __future__ import annotations
 
 import pytest
@@ -13,10 +13,11 @@ SETTINGS = settings_from_env()
 BACKENDS, _ = fused_backends(SETTINGS.device)
 
 
-@pytest.mark.parametrize("variant", model_variants(BACKENDS))
-def test_model_train_step(time_step, variant):
+@pytest.mark.parametrize("arch,variant", [(arch, variant) for arch in SETTINGS.model.archs
+                                          for variant in model_variants(BACKENDS, SETTINGS.compile, arch)])
+def test_model_train_step(time_step, arch, variant):
     try:
-        step = model_step(variant, SETTINGS.model, SETTINGS.device, SETTINGS.seed)
+        step = model_step(variant, SETTINGS.model, SETTINGS.device, SETTINGS.seed, arch)
     except Skip as exc:
         pytest.skip(str(exc))
-    time_step(step, SETTINGS.warmup, SETTINGS.device, group=SETTINGS.model.label)
+    time_step(step, SETTINGS.warmup, SETTINGS.device, group=f"{arch} {SETTINGS.model.label}")

@@ -20,7 +20,7 @@ summary="$out/summary.txt"
 : > "$summary"
 
 # Stage budgets in seconds, in order of value. Their sum is the whole check's budget (<= 480 s = 8 min).
-STAGES="build:150 conformance_cuda:90 conformance_triton:70 gpu_checks:50 bandwidth:80 memcheck:30"
+STAGES="build:150 conformance_cuda:100 conformance_triton:80 gpu_checks:50 bandwidth:50 tail_bandwidth:20 memcheck:30"
 TOTAL=0
 for s in $STAGES; do TOTAL=$((TOTAL + ${s#*:})); done
 START=$(date +%s)
@@ -72,36 +72,42 @@ if [ $dry = 1 ]; then
   run_stage build "$out/build.log" "$py" -c \
     "import taskrouting.ops.extension as e; assert e.loaded(), e.LOAD_ERROR; print('extension ok')"
   conf_cuda=(env TASKROUTING_TEST_BACKENDS=cpu "$py" -m pytest -q -x -p no:cacheprovider
-             tests/test_bn_relu_route.py -k "sharing_ratios and not routed")
+             tests/test_bn_relu_route.py tests/test_bn_add_relu_route.py -k "sharing_ratios and not routed")
   conf_triton=(env TASKROUTING_TEST_BACKENDS=triton_interp "$py" -m pytest -q -x -p no:cacheprovider
-               tests/test_bn_relu_route.py -k "test_user_masks_momentum_eps or test_zero_variance_channels")
+               tests/test_bn_relu_route.py tests/test_bn_add_relu_route.py
+               -k "test_user_masks_momentum_eps or test_zero_variance_channels or test_zero_residual")
   gpu_checks=("$py" -m pytest -q -x -p no:cacheprovider tests/test_gpu_readiness.py -k "cpu and not compile")
   bench=("$py" -m taskrouting.bench --device cpu --quick --no-plots --out "$out/bench")
+  tail_bench=("$py" benchmarks/bench_bn_add_relu_route.py --device cpu --shapes 2x16x8x8 --repeats 2)
 else
   # sm_90 only: the lent machines are H100/H200 (CI compiles sm_80 and sm_90 without running them).
   run_stage build "$out/build.log" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 TASKROUTING_BUILD_CUDA=1 \
     "$py" setup.py build_ext --inplace
   conf_cuda=(env TASKROUTING_TEST_BACKENDS=cuda "$py" -m pytest -q -p no:cacheprovider
-             tests/test_bn_relu_route.py -k "not random_shapes")
+             tests/test_bn_relu_route.py tests/test_bn_add_relu_route.py -k "not random_shapes")
   conf_triton=(env TASKROUTING_TEST_BACKENDS=triton_cuda "$py" -m pytest -q -p no:cacheprovider
-               tests/test_bn_relu_route.py -k "not random_shapes")
+               tests/test_bn_relu_route.py tests/test_bn_add_relu_route.py -k "not random_shapes")
   # Strides, misalignment, > 2^31 elements, CUDA-graph capture, launch shapes; memcheck is its own stage.
   gpu_checks=("$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_readiness.py
               tests/test_cuda_kernels.py tests/test_triton_kernels.py -k "not memcheck")
   bench=("$py" -m taskrouting.bench --device cuda --sweeps shapes --modes train-fwd,train-fwdbwd
          --shapes 16x128x56x56,16x256x28x28,16x512x14x14 --repeats 10 --no-model --no-plots --out "$out/bench")
+  tail_bench=("$py" benchmarks/bench_bn_add_relu_route.py --device cuda --shapes 32x256x56x56,32x1024x14x14
+              --repeats 10 --no-compile)
 fi
 
 run_stage conformance_cuda "$out/conformance.log" "${conf_cuda[@]}"
 run_stage conformance_triton "$out/conformance.log" "${conf_triton[@]}"
 run_stage gpu_checks "$out/gpu_checks.log" "${gpu_checks[@]}"
 run_stage bandwidth "$out/bandwidth.log" "${bench[@]}"
+run_stage tail_bandwidth "$out/bandwidth.log" "${tail_bench[@]}"
 if [ -d "$out/bench" ]; then  # keep the table and the JSON; the folder would add files past the limit
   [ -f "$out/bench/table.txt" ] && cp "$out/bench/table.txt" "$out/bandwidth.txt"
   [ -f "$out/bench/results.json" ] && cp "$out/bench/results.json" "$out/bandwidth.json"
   rm -rf "$out/bench"
   grep -E "^(device|==)|fused|compiled|plain" "$out/bandwidth.txt" 2>/dev/null | head -n 30 >> "$summary"
 fi
+sed -n '/== tail_bandwidth/,$p' "$out/bandwidth.log" | grep -E "^(device|shape)|fused|reference" | head -n 20 >> "$summary"
 if [ $dry = 1 ]; then
   note "$(printf '%-20s %-8s %5s s  %s' memcheck skipped 0 'dry run: compute-sanitizer needs a GPU')"
 else

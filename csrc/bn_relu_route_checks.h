@@ -149,6 +149,16 @@ inline void check_task_update(const at::Tensor& task_mean, const at::Tensor& tas
   TORCH_CHECK_VALUE(task >= 0 && task < T, "task must be in [0, ", T, "), got ", task);
 }
 
+// bn_add_relu_route's residual (and its backward's y): x's shape, dtype and device, in x's processing
+// layout (x already in it), so that the kernels index it exactly as x.
+inline at::Tensor in_layout_of(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  check_same_device(t, name, x);
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), name, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " must have x's dtype ", x.scalar_type(), ", got ",
+                   t.scalar_type());
+  return t.contiguous(layout_of(x));
+}
+
 // The backward's per-channel inputs, checked against x (already in its processing layout).
 struct BackwardTensors {
   at::Tensor dy, mean, invstd, w, b;

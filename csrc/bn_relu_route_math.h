@@ -82,6 +82,21 @@ TR_HOST_DEVICE acc_t relu_affine(acc_t x, ScaleShift<acc_t> s) {
   return v > acc_t(0) ? v : acc_t(0);
 }
 
+// A ResNet block's tail (bn_add_relu_route): relu(x * scale + shift + residual), the residual added in
+// the accumulation type before the ReLU.
+template <typename acc_t>
+TR_HOST_DEVICE acc_t relu_affine_add(acc_t x, ScaleShift<acc_t> s, acc_t residual) {
+  const acc_t v = x * s.scale + s.shift + residual;
+  return v > acc_t(0) ? v : acc_t(0);
+}
+
+// bn_add_relu_route's backward gates on its saved output y instead of recomputing the pre-activation
+// (which needs the residual): g = dy where y > 0, and y is 0 wherever the sample is not routed.
+template <typename acc_t>
+TR_HOST_DEVICE acc_t gate_on_output(acc_t dy, acc_t y) {
+  return y > acc_t(0) ? dy : acc_t(0);
+}
+
 // grad_x = g * dy_coef + x * x_coef + bias_coef, where g = dy * route * (y_pre > 0).
 // Train: grad_x = w*invstd * (g - sum_dy/M - (x - mean) * invstd^2 * sum_dy_xmu / M).
 // Eval:  grad_x = w*invstd * g.

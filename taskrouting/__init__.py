@@ -7,6 +7,7 @@ Layers: ``ops`` (the op and its backends) <- ``nn`` (modules) <- ``models`` (rou
 from . import models, nn, ops
 from .models import extract_subnetwork
 from .nn import (
+    BNAddReLURoute2d,
     BNReLURoute1d,
     BNReLURoute2d,
     BNReLURoute3d,
@@ -25,6 +26,6 @@ from .nn import (
 __version__ = "0.1.0"
 
 __all__ = ["make_masks", "TaskRouter", "TaskConditioned", "set_active_task", "active_task", "ops", "nn",
-           "BNReLURoute1d", "BNReLURoute2d", "BNReLURoute3d", "fuse", "models",
+           "BNReLURoute1d", "BNReLURoute2d", "BNReLURoute3d", "BNAddReLURoute2d", "fuse", "models",
            "extract_subnetwork", "SyncBNReLURoute1d", "SyncBNReLURoute2d", "SyncBNReLURoute3d",
            "convert_sync_batchnorm"]

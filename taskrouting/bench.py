@@ -20,7 +20,17 @@ from pathlib import Path
 
 import torch
 
-from .benchmarking.cases import MODES, PRESETS, SWEEPS, build_sweeps, default_device, parse_dtype, parse_shapes, preset
+from .benchmarking.cases import (
+    MODEL_ARCHS,
+    MODES,
+    PRESETS,
+    SWEEPS,
+    build_sweeps,
+    default_device,
+    parse_dtype,
+    parse_shapes,
+    preset,
+)
 from .benchmarking.report import format_table, write_all
 from .benchmarking.runner import run, validate
 from .benchmarking.variants import fused_backends, variant_names
@@ -75,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", type=_csv(str), help="fused backends to time (default: every one available)")
     p.add_argument("--stats", choices=("batch", "routed"), help="statistics of the fused op (default batch)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile'd reference")
-    p.add_argument("--no-model", action="store_true", help="leave out the whole-model (VGG-11) step")
+    p.add_argument("--no-model", action="store_true", help="leave out the whole-model (VGG-11, ResNet-50) steps")
+    p.add_argument("--model-archs", type=_choices(MODEL_ARCHS),
+                   help=f"models of the whole-model step, comma list of {', '.join(MODEL_ARCHS)} (default all)")
     p.add_argument("--repeats", type=int, help="interleaved repeats per step")
     p.add_argument("--sweep-repeats", type=int,
                    help="repeats of the tasks and sharing_ratio sweeps (default 3 x --repeats)")
@@ -125,6 +137,8 @@ def settings_from_args(args: argparse.Namespace):
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_compile:
         overrides["compile"] = False
+    if args.model_archs and settings.model is not None:
+        overrides["model"] = dataclasses.replace(settings.model, archs=tuple(args.model_archs))
     if args.no_model:
         overrides["sweeps"] = tuple(s for s in overrides.get("sweeps", settings.sweeps) if s != "model")
     return dataclasses.replace(settings, **overrides)

@@ -1,4 +1,4 @@
-"""Runs every CUDA op of taskrouting on a few small, awkward cases, for compute-sanitizer:
+"""Runs every CUDA op of taskrouting (bn_add_relu_route too) on a few small, awkward cases, for compute-sanitizer:
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 \
         python tests/gpu_memcheck.py
@@ -41,6 +41,9 @@ def exercise(shape, dtype, channels_last, per_sample, offset=False):
         x = base[1:].as_strided(x.shape, x.stride()).copy_(x)
         assert x.storage_offset() == 1 and (not channels_last or x.is_contiguous(memory_format=torch.channels_last))
     dy = layout(torch.randn(shape, device=dev).to(dtype), channels_last)
+    r = layout(torch.randn(shape, device=dev).to(dtype), channels_last)  # bn_add_relu_route's residual
+    if offset:
+        r = torch.empty(numel + 1, device=dev, dtype=dtype)[1:].as_strided(r.shape, r.stride()).copy_(r)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     if per_sample:
         route = torch.rand(n, c, device=dev) < 0.5
@@ -60,9 +63,17 @@ def exercise(shape, dtype, channels_last, per_sample, offset=False):
                                           [True, False, False])
                 TR.backward_apply(dy, x, route, mean, invstd, w, b, mean, invstd, cnt, training, routed)
             TR.update_running_stats(rm.clone(), rv.clone(), mean, var, count, 0.1)
+            y, mean, invstd, var, count = TR.bn_add_relu_route(x, r, route, w, b, rm, rv, True, 1e-5, routed,
+                                                               all_channels)
+            for training in (True, False):
+                cnt = count if training else count[:0]
+                for mask in ([True] * 4, [True, False, True, True], [True, True, False, False],
+                             [False, True, False, False], [False, True, True, True]):
+                    TR.bn_add_relu_route_backward(dy, y, x, route, w, b, mean, invstd, cnt, training, routed, mask)
         TR.channel_stats(x, route, routed, all_channels)
     y, mean, invstd, _, _ = TR.bn_relu_route(x, route, w, b, rm, rv, False, 1e-5, False, False)
     TR.normalize_relu_route(x, route, mean, invstd, None, b)
+    TR.bn_add_relu_route(x, r, route, w, b, rm, rv, False, 1e-5, False, False)
     TR.backward_reduce(dy, x, route, mean.to(acc), invstd.to(acc), w, None)
     torch.cuda.synchronize()
 

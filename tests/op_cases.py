@@ -38,8 +38,9 @@ def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 def make_case(shape, dtype=torch.float32, channels_last=False, affine=True, seed=0, num_tasks=7,
-              sharing_ratio=0.5, per_sample=False, device="cpu"):
-    """Random inputs for one op call: x, masks, task, weight, bias, running stats, grad."""
+              sharing_ratio=0.5, per_sample=False, device="cpu", residual=False):
+    """Random inputs for one op call: x, masks, task, weight, bias, running stats, grad; with ``residual``
+    also the residual of ``bn_add_relu_route`` (x's layout)."""
     g = torch.Generator().manual_seed(seed)
     c = shape[1]
     x = (torch.randn(shape, generator=g) * 1.5 + 0.3).to(dtype)
@@ -51,8 +52,11 @@ def make_case(shape, dtype=torch.float32, channels_last=False, affine=True, seed
     grad = torch.randn(shape, generator=g).to(dtype)
     move = (lambda t: None if t is None else t.to(device))
     x, grad = to_layout(x.to(device), channels_last), to_layout(grad.to(device), channels_last)
-    return dict(x=x, masks=masks.to(device), task=move(task) if per_sample else task, weight=move(weight),
+    case = dict(x=x, masks=masks.to(device), task=move(task) if per_sample else task, weight=move(weight),
                 bias=move(bias), running_mean=move(running_mean), running_var=move(running_var), grad=grad)
+    if residual:
+        case["residual"] = to_layout(torch.randn(shape, generator=g).to(dtype).to(device), channels_last)
+    return case
 
 
 def ops_masks(num_tasks, channels, sharing_ratio, seed):
@@ -73,11 +77,19 @@ def run(backend, case, training=True, stats="batch", momentum=0.1, eps=1e-5, tra
 
     x, weight, bias = leaf(case["x"]), leaf(case["weight"]), leaf(case["bias"])
     rm, rv = buffer(case["running_mean"]), buffer(case["running_var"])
-    y = ops.bn_relu_route(x, case["masks"], case["task"], weight, bias, rm, rv, training, momentum, eps,
-                          stats, backend)
+    residual = leaf(case.get("residual"))
+    if residual is None:
+        y = ops.bn_relu_route(x, case["masks"], case["task"], weight, bias, rm, rv, training, momentum, eps,
+                              stats, backend)
+    else:
+        y = ops.bn_add_relu_route(x, residual, case["masks"], case["task"], weight, bias, rm, rv, training,
+                                  momentum, eps, stats, backend)
     y.backward(case["grad"] if dtype is None else case["grad"].to(dtype))
-    return {"y": y.detach(), "grad_x": x.grad, "grad_weight": None if weight is None else weight.grad,
-            "grad_bias": None if bias is None else bias.grad, "running_mean": rm, "running_var": rv}
+    out = {"y": y.detach(), "grad_x": x.grad, "grad_weight": None if weight is None else weight.grad,
+           "grad_bias": None if bias is None else bias.grad, "running_mean": rm, "running_var": rv}
+    if residual is not None:
+        out["grad_residual"] = residual.grad
+    return out
 
 
 def fit(shape, interpreted: bool) -> tuple:
@@ -173,7 +185,7 @@ def assert_matches(got, want, dtype, per_channel_count, kink=None, slack=None):
         actual = actual.to(expected.dtype)
         if key in ("grad_weight", "grad_bias"):
             r, a = max(r, 1e-4), max(a, 1e-4) * max(1.0, math.sqrt(per_channel_count))
-        if key == "grad_x" and kink is not None:
+        if key in ("grad_x", "grad_residual") and kink is not None:
             keep = ~kink
             actual, expected = actual[keep], expected[keep]
         extra = None if slack is None else slack.get(key)
@@ -199,7 +211,8 @@ def compare(backend, case, training=True, stats="batch", track=True, momentum=0.
     kink = slack = None
     if KINK[dtype] and case["x"].numel():
         pre = pre_activation64(case, training, stats, eps, track)
-        kink = pre.abs() < KINK[dtype]
+        total = pre if case.get("residual") is None else pre + case["residual"].double()
+        kink = total.abs() < KINK[dtype]
         slack = kink_slack(case, pre, kink)
     per_channel = case["x"].numel() / max(case["x"].shape[1], 1)
     assert_matches(got, want, dtype, per_channel, kink, slack)
@@ -207,6 +220,8 @@ def compare(backend, case, training=True, stats="batch", track=True, momentum=0.
     if strides and case["x"].numel():
         assert got["y"].stride() == case["x"].stride(), "y must keep x's memory format"
         assert got["grad_x"].stride() == case["x"].stride(), "grad_x must keep x's memory format"
+        if "grad_residual" in got and case["residual"].stride() == case["x"].stride():  # else autograd restrides
+            assert got["grad_residual"].stride() == case["x"].stride(), "grad_residual must have x's memory format"
     return got
 
 

@@ -108,3 +108,111 @@ def test_memcheck():
     assert proc.returncode == 0, output
     assert "ERROR SUMMARY: 0 errors" in proc.stdout + proc.stderr, output
     assert "gpu_memcheck: ok" in proc.stdout, output
+
+
+# ----------------------------------------------------------------------------- bn_add_relu_route (the ResNet tail)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,channels_last", [
+    ((2, 3, 512, 512), False),   # split reduction + merge
+    ((2, 3, 512, 512), True),    # rows split over many chunks
+    ((1, 2, 3, 100003), False),  # odd plane: scalar loads
+    ((8, 600, 7, 7), False),     # fused one-block-per-channel forward, residual read in the normalise loop
+    ((8, 2048, 8, 8), False),    # fused forward with 128-bit loads (S % 8 == 0)
+    ((32, 256, 14, 14), True),   # channels-last 2-D grid
+    ((4096, 96), False),         # [N, C] rows
+], ids=str)
+def test_add_launch_shapes(shape, channels_last, dtype):
+    for per_sample, stats in ((False, "batch"), (True, "routed"), (True, "batch")):
+        case = make_case(shape, dtype=dtype, channels_last=channels_last, per_sample=per_sample, device=DEV,
+                         residual=True)
+        compare("cuda", case, True, stats)
+    case = make_case(shape, dtype=dtype, channels_last=channels_last, per_sample=True, device=DEV, residual=True)
+    compare("cuda", case, False, "batch")
+
+
+def _one_element_in(t):
+    """t's values and strides, one element into a larger storage: misaligned for 128-bit accesses."""
+    out = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)[1:].as_strided(t.shape, t.stride()).copy_(t)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,channels_last", [((4, 64, 8, 8), False), ((4, 64, 8, 8), True),
+                                                 ((8, 2048, 8, 8), False)], ids=str)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batch_task", "sample_task"])
+@pytest.mark.parametrize("which", ["residual", "y", "grad_y"])
+def test_add_one_misaligned_operand(dtype, shape, channels_last, per_sample, which):
+    """One operand misaligned, the others aligned and of vector-friendly sizes: every kernel of the op falls
+    back to scalar accesses for all its operands (the reduce that stores g and the apply that reads it back
+    included) and gives what the aligned call gives; grad_residual exactly."""
+    g = torch.Generator(device=DEV).manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    rand = lambda: torch.randn(shape, device=DEV, generator=g).to(dtype).contiguous(memory_format=fmt)
+    x, r, dy = rand(), rand(), rand()
+    n, c = shape[:2]
+    route = torch.rand((n, c) if per_sample else (c,), device=DEV, generator=g) < 0.5
+    w, b = torch.randn(c, device=DEV, generator=g), torch.randn(c, device=DEV, generator=g)
+    fwd = TR.bn_add_relu_route(x, r, route, w, b, None, None, True, 1e-5, False, False)
+    y, mean, invstd, _, count = fwd
+    args = {"residual": r, "y": y, "grad_y": dy}
+    args[which] = _one_element_in(args[which])
+    got_fwd = TR.bn_add_relu_route(x, args["residual"], route, w, b, None, None, True, 1e-5, False, False)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-4)
+    for got, want in zip(got_fwd, fwd):
+        torch.testing.assert_close(got, want, **tol)
+    for training in (True, False):
+        cnt = count if training else count[:0]
+        for mask in ([True] * 4, [True, False, True, True], [True, True, False, False], [False, True, False, False]):
+            want = TR.bn_add_relu_route_backward(dy, y, x, route, w, b, mean, invstd, cnt, training, False, mask)
+            got = TR.bn_add_relu_route_backward(args["grad_y"], args["y"], x, route, w, b, mean, invstd, cnt,
+                                                training, False, mask)
+            assert torch.equal(got[1], want[1])  # grad_residual = g: no arithmetic
+            for o, e in zip(got, want):
+                torch.testing.assert_close(o, e, **tol)
+
+
+@pytest.mark.parametrize("shape,channels_last", [
+    ((1, 2, 2 ** 30 + 4096), False),       # planes, 128-bit loads, offsets past 2^31
+    ((2, 8, 2 ** 13, 2 ** 14 + 1), True),  # rows (channels-last)
+    ((1, 1, 2 ** 31 + 3), False),          # planes, odd: scalar loads
+], ids=["planes", "rows", "planes-odd"])
+def test_add_more_than_2_31_elements(shape, channels_last):
+    """64-bit indexing of the residual, y, grad_residual: y, grad_residual and grad_x (eval) of the last
+    elements in memory; grad_residual and grad_bias of the training backward (reduce storing g, apply
+    reading it back)."""
+    if _free_gb() < 40:
+        pytest.skip("needs ~40 GB of free GPU memory")
+    x = torch.empty(shape, device=DEV, dtype=torch.bfloat16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.normal_().add_(0.5)
+    res = torch.empty_like(x).normal_()
+    C = shape[1]
+    route = torch.ones(C, dtype=torch.bool, device=DEV)
+    if C > 1:
+        route[0] = False
+    y, mean, invstd, var, count = TR.bn_add_relu_route(x, res, route, None, None, None, None, True, 1e-5,
+                                                       False, False)
+
+    def tail(t):
+        in_memory = t.permute(0, *range(2, t.dim()), 1) if channels_last else t
+        return in_memory.reshape(-1)[-4096:].float()
+
+    chan = (torch.arange(x.numel() - 4096, x.numel(), device=DEV) % C) if channels_last else \
+        torch.full((4096,), C - 1, device=DEV)
+    expect = torch.relu((tail(x) - mean[chan]) * invstd[chan] + tail(res)) * route[chan]
+    torch.testing.assert_close(tail(y), expect, atol=3e-2, rtol=2e-2)
+    del res
+    gate = (tail(y) > 0).float() * route[chan]
+    dy = torch.ones_like(x)
+    gx, gr, _, _ = TR.bn_add_relu_route_backward(dy, y, x, route, None, None, mean, invstd, count[:0], False,
+                                                 False, [True, True, False, False])
+    assert torch.equal(tail(gr), gate)
+    torch.testing.assert_close(tail(gx), gate * invstd[chan], atol=3e-2, rtol=2e-2)
+    del gx, gr
+    gx, gr, _, gb = TR.bn_add_relu_route_backward(dy, y, x, route, None, torch.zeros(C, device=DEV), mean,
+                                                  invstd, count, True, False, [True, True, False, True])
+    assert torch.equal(tail(gr), gate)
+    positives = torch.stack([(y.select(1, c) > 0).sum() for c in range(C)]).float() * route
+    torch.testing.assert_close(gb.float(), positives, rtol=1e-5, atol=0)  # float32 sums of ~2^30 ones

@@ -36,13 +36,21 @@ CASES = [
     ("empty_shard_routed", 4, False, "routed", (0, 8)),
     ("flat_1d", 2, True, "batch", (5, 3)),
     ("task_stats", 4, False, "batch", (5, 3)),  # per-task rows, from the merged statistics
+    # BNAddReLURoute2d, a ResNet block's fused tail: the residual added before the ReLU
+    ("tail", "tail", False, "batch", (5, 3)),
+    ("tail_sample_task", "tail", True, "batch", (4, 4)),
+    ("tail_routed_empty_shard", "tail", True, "routed", (8, 0)),
+    ("tail_task_stats", "tail", False, "batch", (3, 5)),
 ]
-TRITON_CASES = ("batch_task", "sample_task_routed", "empty_shard", "task_stats")  # interpreted Triton is slow: a few
-LAYERS = {2: tr.BNReLURoute1d, 3: tr.BNReLURoute1d, 4: tr.BNReLURoute2d}
+TRITON_CASES = ("batch_task", "sample_task_routed", "empty_shard", "task_stats", "tail")  # interpreted: a few
+LAYERS = {2: tr.BNReLURoute1d, 3: tr.BNReLURoute1d, 4: tr.BNReLURoute2d, "tail": tr.BNAddReLURoute2d}
 
 
-def _case_inputs(rank_dims: int, per_sample, sizes):
-    g = torch.Generator().manual_seed(rank_dims * 7 + sum(sizes))
+def _case_inputs(rank_dims, per_sample, sizes):
+    """x, grad_y, task and (for the fused tail, ``rank_dims == "tail"``) the residual, else None."""
+    tail = rank_dims == "tail"
+    rank_dims = 4 if tail else rank_dims
+    g = torch.Generator().manual_seed(rank_dims * 7 + sum(sizes) + tail)
     n, c = sum(sizes), 12
     shape = (n, c) + (3, 5, 4, 3)[:rank_dims - 2]
     x = torch.randn(shape, generator=g) * 2 + 0.5
@@ -51,7 +59,8 @@ def _case_inputs(rank_dims: int, per_sample, sizes):
         task = torch.cat([torch.full((s,), r) for r, s in enumerate(sizes)])
     else:
         task = torch.randint(4, (n,), generator=g) if per_sample else 2
-    return x, grad, task
+    residual = torch.randn(shape, generator=g) if tail else None
+    return x, grad, task, residual
 
 
 def _layer(cls, rank_dims, stats, backend, task_stats=False):
@@ -64,20 +73,22 @@ def _layer(cls, rank_dims, stats, backend, task_stats=False):
     return layer
 
 
-def _run(layer, x, grad, task, steps=2):
+def _run(layer, x, grad, task, residual=None, steps=2):
     """Two training steps (the second with running stats already moved), then one in eval mode."""
     outs = []
+    inputs = (lambda x, r: (x,)) if residual is None else (lambda x, r: (x, r))
     for _ in range(steps):
         x = x.detach().requires_grad_()
+        r = None if residual is None else residual.detach().requires_grad_()
         layer.zero_grad()
-        y = layer(x, task)
+        y = layer(*inputs(x, r), task)
         y.backward(grad)
-        outs.append((y.detach(), x.grad))
+        outs.append((y.detach(), x.grad, None if r is None else r.grad))
     layer.eval()
-    evaluated = layer(x.detach(), task)
+    evaluated = layer(*inputs(x.detach(), residual), task)
     layer.train()
-    return {"y": [o[0] for o in outs], "grad_x": [o[1] for o in outs], "eval": evaluated,
-            "grad_weight": layer.weight.grad, "grad_bias": layer.bias.grad,
+    return {"y": [o[0] for o in outs], "grad_x": [o[1] for o in outs], "grad_residual": [o[2] for o in outs],
+            "eval": evaluated, "grad_weight": layer.weight.grad, "grad_bias": layer.bias.grad,
             **{k: b for k, b in layer.named_buffers() if k != "masks"}}
 
 
@@ -91,14 +102,15 @@ def _layer_worker(rank, init_file, out_dir, backends):
         for name, dims, per_sample, stats, sizes in CASES:
             if backend == "triton" and name not in TRITON_CASES:
                 continue
-            x, grad, task = _case_inputs(dims, per_sample, sizes)
+            x, grad, task, residual = _case_inputs(dims, per_sample, sizes)
             lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
             local_task = task[lo:hi] if isinstance(task, torch.Tensor) else task
             if per_sample == "rank":
                 local_task = rank
-            layer = _layer(LAYERS[dims], dims, stats, backend, name == "task_stats")
+            layer = _layer(LAYERS[dims], dims, stats, backend, name.endswith("task_stats"))
             layer = tr.convert_sync_batchnorm(nn.Sequential(layer))[0]
-            results[backend, name] = _run(layer, x[lo:hi], grad[lo:hi], local_task)
+            results[backend, name] = _run(layer, x[lo:hi], grad[lo:hi], local_task,
+                                          None if residual is None else residual[lo:hi])
     layer = tr.convert_sync_batchnorm(_layer(tr.BNReLURoute2d, 4, "batch", "cpu", task_stats=True))
     try:  # per-sample tasks would pair up the collectives of different task groups: refused
         layer(torch.randn(4, 12, 3, 3), torch.tensor([0, 1, 0, 1]))
@@ -136,11 +148,12 @@ def test_two_processes_compute_what_one_computes_on_the_whole_batch(layer_result
             continue
         if backend == "triton":
             monkeypatch.setenv("TRITON_INTERPRET", "1")
-        x, grad, task = _case_inputs(dims, per_sample, sizes)
-        want = _run(_layer(LAYERS[dims], dims, stats, backend, name == "task_stats"), x, grad, task)
+        x, grad, task, residual = _case_inputs(dims, per_sample, sizes)
+        want = _run(_layer(LAYERS[dims], dims, stats, backend, name.endswith("task_stats")), x, grad, task,
+                    residual)
         got = [r[backend, name] for r in ranks]
         tol = dict(rtol=1e-5, atol=1e-5)
-        for key in ("y", "grad_x"):
+        for key in ("y", "grad_x") + (("grad_residual",) if residual is not None else ()):
             for step in range(2):
                 torch.testing.assert_close(torch.cat([g[key][step] for g in got]), want[key][step], **tol,
                                            msg=lambda m: f"{backend} {key} step {step}: {m}")
@@ -149,7 +162,7 @@ def test_two_processes_compute_what_one_computes_on_the_whole_batch(layer_result
             torch.testing.assert_close(sum(g[key] for g in got), want[key], **tol,
                                        msg=lambda m: f"{backend} {key}: {m}")
         buffers = ("running_mean", "running_var", "num_batches_tracked")
-        buffers += TASK_BUFFERS if name == "task_stats" else ()
+        buffers += TASK_BUFFERS if name.endswith("task_stats") else ()
         for g in got:
             assert set(buffers) <= set(g)
             for key in buffers:
@@ -164,7 +177,7 @@ def test_per_sample_tasks_with_task_stats_are_refused_across_processes_before_an
 
 
 def test_one_process_sync_layer_is_the_fused_layer():
-    x, grad, task = _case_inputs(4, True, (4, 4))
+    x, grad, task, _ = _case_inputs(4, True, (4, 4))
     want = _run(_layer(tr.BNReLURoute2d, 4, "batch", "cpu"), x, grad, task)
     got = _run(_layer(tr.SyncBNReLURoute2d, 4, "batch", "cpu"), x, grad, task)
     for key in ("y", "grad_x"):

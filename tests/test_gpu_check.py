@@ -13,7 +13,7 @@ def test_stage_budgets_add_up_to_at_most_8_minutes():
     stages = re.search(r'^STAGES="([^"]+)"', SCRIPT.read_text(), re.M).group(1).split()
     budgets = {name: int(seconds) for name, seconds in (s.split(":") for s in stages)}
     assert list(budgets) == ["build", "conformance_cuda", "conformance_triton", "gpu_checks", "bandwidth",
-                             "memcheck"]
+                             "tail_bandwidth", "memcheck"]
     assert sum(budgets.values()) <= 8 * 60
 
 
@@ -24,7 +24,7 @@ def test_dry_run_passes(tmp_path):
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     summary = (out / "summary.txt").read_text()
-    for stage in ("build", "conformance_cuda", "conformance_triton", "gpu_checks", "bandwidth"):
+    for stage in ("build", "conformance_cuda", "conformance_triton", "gpu_checks", "bandwidth", "tail_bandwidth"):
         assert re.search(rf"^{stage}\s+ok\b", summary, re.M), summary
     assert re.search(r"^memcheck\s+skipped", summary, re.M), summary
     assert "all stages ok" in summary

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from taskrouting import BNReLURoute2d, TaskRouter, active_task, set_active_task
+from taskrouting import BNAddReLURoute2d, BNReLURoute2d, TaskRouter, active_task, set_active_task
 from taskrouting.models import ReferenceBNReLURoute2d, TaskHeads, resnet50, vgg11_bn, vgg16_bn
 from taskrouting.nn.bn_relu_route import BATCH_NORMS
 from taskrouting.nn.masks import active_per_task
@@ -42,7 +42,8 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def routing_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (BNReLURoute2d, ReferenceBNReLURoute2d, TaskRouter))]
+    kinds = (BNReLURoute2d, BNAddReLURoute2d, ReferenceBNReLURoute2d, TaskRouter)
+    return [m for m in model.modules() if isinstance(m, kinds)]
 
 
 def image(n=4, size=16, seed=1, channels=3):
@@ -81,9 +82,27 @@ def test_routing_after_every_conv_block(name, fused):
     layers = routing_layers(model)
     assert len(layers) == ROUTING_LAYERS[name]
     bn_type = BNReLURoute2d if fused else ReferenceBNReLURoute2d
-    routers = [m for m in layers if isinstance(m, TaskRouter)]
-    assert all(isinstance(m, (bn_type, TaskRouter)) for m in layers)
-    assert len(routers) == (16 if name == "resnet50" else 0)  # ResNet: each bottleneck's output
+    # ResNet: each bottleneck's output, routed by its fused tail (bn_add_relu_route) or a TaskRouter
+    tail_type = BNAddReLURoute2d if fused else TaskRouter
+    tails = [m for m in layers if isinstance(m, tail_type)]
+    assert all(isinstance(m, (bn_type, tail_type)) for m in layers)
+    assert len(tails) == (16 if name == "resnet50" else 0)
+
+
+def test_fused_resnet_tail_is_one_op_and_keeps_the_state_dict():
+    """A fused bottleneck's tail is BNAddReLURoute2d (no route module); its masks are saved as route.masks, as
+    the unfused model's, so a checkpoint loads into either (test_state_dict_round_trip_... runs them)."""
+    fused, unfused = build("resnet50"), build("resnet50", fused=False)
+    block = fused.layer2[0]
+    assert isinstance(block.bn3, BNAddReLURoute2d) and "route" not in block._modules
+    assert block.output_router is block.bn3 and unfused.layer2[0].output_router is unfused.layer2[0].route
+    keys = fused.state_dict().keys()
+    assert keys == unfused.state_dict().keys() and "layer2.0.route.masks" in keys and "layer2.0.bn3.masks" not in keys
+    assert torch.equal(fused.state_dict()["layer2.0.route.masks"], unfused.state_dict()["layer2.0.route.masks"])
+    with pytest.raises(RuntimeError, match="masks have 3 channels"):  # checked as any routing layer's masks
+        state = fused.state_dict()
+        state["layer2.0.route.masks"] = state["layer2.0.route.masks"][:, :3]
+        fused.load_state_dict(state)
 
 
 def test_vgg_feature_indices_follow_torchvision():
@@ -321,3 +340,17 @@ def test_models_reject_bad_options(options, error, match):
     options = {"num_tasks": 2, "width_mult": 1 / 32, **options}
     with pytest.raises(error, match=match):
         vgg11_bn(options.pop("num_tasks"), **options)
+
+
+def test_resnet_fused_tail_option():
+    with pytest.raises(TypeError, match="fused_tail must be a bool"):
+        resnet50(2, width_mult=1 / 32, fused_tail=1)
+    unfused_tail = randomize(build("resnet50", fused_tail=False)).double()
+    block = unfused_tail.layer1[0]
+    assert isinstance(block.bn1, BNReLURoute2d) and isinstance(block.route, TaskRouter)
+    fused = build("resnet50").double()
+    fused.load_state_dict(unfused_tail.state_dict())
+    x = image().double()  # float64: train-mode BN over a few values per channel deep in amplifies rounding
+    for training in (True, False):
+        fused.train(training), unfused_tail.train(training)
+        torch.testing.assert_close(fused(x, task=1), unfused_tail(x, task=1))

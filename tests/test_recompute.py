@@ -104,6 +104,8 @@ def test_memory_efficient_models_save_less_with_identical_gradients(build):
     assert saved < fused < reference
     if build is vgg11_bn:  # measured: 27.7 of 68.5 MiB = 0.40 (fused alone: 50.0 MiB, 0.73)
         assert saved <= 0.45 * reference
+    else:  # measured with the fused tail (bn_add_relu_route): 2.87 of 5.04 MiB = 0.57 (fused alone: 0.70)
+        assert saved <= 0.6 * reference
 
 
 def test_memory_efficient_is_a_checked_bool_and_kept_out_of_the_state_dict():

@@ -374,9 +374,10 @@ def test_models_keep_task_stats_by_default_and_resnet_in_its_unrouted_batchnorms
     assert not any(getattr(m, "task_stats", False) for m in build("vgg11_bn", task_stats=False).modules())
     resnet = resnet50(3, width_mult=1 / 16)
     block = resnet.layer1[0]
-    assert type(block.bn3) is TaskBatchNorm2d and type(block.downsample[1]) is TaskBatchNorm2d
+    assert block.bn3.task_stats and type(block.downsample[1]) is TaskBatchNorm2d  # bn3: the fused tail
+    assert type(resnet50(3, width_mult=1 / 16, fused=False).layer1[0].bn3) is TaskBatchNorm2d
     assert all(getattr(m, "task_stats", True) for m in resnet.modules() if isinstance(m, nn.BatchNorm2d))
-    plain = resnet50(3, width_mult=1 / 16, task_stats=False)
+    plain = resnet50(3, width_mult=1 / 16, task_stats=False, fused=False)
     assert type(plain.layer1[0].bn3) is nn.BatchNorm2d  # the same state_dict as before task_stats
     assert set(plain.state_dict()) == {k for k in resnet.state_dict() if not k.rsplit(".", 1)[-1].startswith("task_")}
 

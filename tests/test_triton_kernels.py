@@ -153,7 +153,7 @@ except ImportError as exc:
 from taskrouting.ops.triton import kernels
 k = kernels(False)
 geo = dict(CL=True, ROUTE_2D=True, BN=2, BP=16, BC=64, BIG=True)
-ptr = lambda n: dict((a, "*fp32") for a in n)
+ptr = lambda fn: dict((a, "*fp32") for a in fn.arg_names if a.endswith("_ptr"))
 def build(fn, sig, consts, warps=8):
     sig = dict(sig)
     sig.update({c: "constexpr" for c in consts})
@@ -163,17 +163,19 @@ def build(fn, sig, consts, warps=8):
 ints = lambda n: dict((a, "i32") for a in n)
 try:
     fn = k.normalize.fused_forward_kernel
-    build(fn, {**ptr(fn.arg_names[:9]), "x_ptr": "*bf16", "y_ptr": "*bf16", "route_ptr": "*u8",
-               **ints(["N", "C", "HW", "route_sn"]), "eps": "fp32"},
-          dict(ROUTED=False, SKIP_UNUSED=True, HAS_W=True, HAS_B=True, **geo), 16)
+    for residual in (False, True):  # bn_relu_route, bn_add_relu_route
+        build(fn, {**ptr(fn), "x_ptr": "*bf16", "res_ptr": "*bf16", "y_ptr": "*bf16", "route_ptr": "*u8",
+                   **ints(["N", "C", "HW", "route_sn"]), "eps": "fp32"},
+              dict(ROUTED=False, SKIP_UNUSED=True, HAS_W=True, HAS_B=True, HAS_RESIDUAL=residual, **geo), 16)
     fn = k.stats.channel_stats_kernel
-    build(fn, {**ptr(fn.arg_names[:8]), "x_ptr": "*fp16", "route_ptr": "*u8", "used_ptr": "*u8",
+    build(fn, {**ptr(fn), "x_ptr": "*fp16", "route_ptr": "*u8", "used_ptr": "*u8",
                **ints(["N", "C", "HW", "route_sn", "Tp", "T", "TPC", "P"]), "eps": "fp32"},
           dict(ROUTED=True, SKIP_UNUSED=True, FINAL=False, WRITE_INVSTD=False, **geo))
     fn = k.backward.fused_backward_kernel
-    build(fn, {**ptr(fn.arg_names[:11]), "route_ptr": "*u8", **ints(["N", "C", "HW", "route_sn"])},
-          dict(HAS_W=True, HAS_B=False, TRAINING=True, ROUTED=False, WRITE_GX=True, WRITE_GW=True,
-               WRITE_GB=True, **geo), 16)
+    for gate in (0, 1):  # the pre-activation (bn_relu_route), the saved output y (bn_add_relu_route)
+        build(fn, {**ptr(fn), "route_ptr": "*u8", **ints(["N", "C", "HW", "route_sn"])},
+              dict(HAS_W=True, HAS_B=False, TRAINING=True, ROUTED=False, WRITE_GX=True, WRITE_GW=True,
+                   WRITE_GB=True, GATE=gate, WRITE_GR=gate == 1, **geo), 16)
 except Exception as exc:
     if "ptxas" in str(exc) or "cuda" in str(exc).lower() and "not found" in str(exc).lower():
         print("SKIP", exc); raise SystemExit

@@ -1,4 +1,5 @@
-// CPU kernels of the fused BatchNorm + ReLU + route op: what the stage files share.
+// CPU kernels of the fused BatchNorm + ReLU + route op, and of bn_add_relu_route (the same with a
+// residual added before the ReLU; its backward gates on the output y): what the stage files share.
 //
 // Files: ops.cpp (the ops: argument checks, outputs, which stage runs; the CPU registration),
 // stats.cpp (per-channel statistics, the running-stat update), normalize.cpp (normalize + ReLU +
@@ -58,13 +59,16 @@ C10_ALWAYS_INLINE const acc_t* load_block(const scalar_t* src, int64_t n, acc_t*
   }
 }
 
-// Per-thread buffers: two input blocks as acc_t, and an output block before it is written.
+// Per-thread buffers: two input blocks as acc_t, an output block before it is written, and a third
+// input and second output block (bn_add_relu_route's backward reads x, grad_y and y, and writes
+// grad_x and grad_residual).
 template <typename scalar_t>
 struct Scratch {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<acc_t> a, b, out;
   std::vector<scalar_t> converted;
-  explicit Scratch(int64_t n = kBlock) : a(n), b(n), out(n), converted(n) {}
+  std::vector<acc_t> c, out2;
+  explicit Scratch(int64_t n = kBlock) : a(n), b(n), out(n), converted(n), c(n), out2(n) {}
 };
 
 // How blocks of output reach memory: computed in place (float32/float64), or in the scratch
@@ -74,23 +78,26 @@ struct Writer {
   using acc_t = at::opmath_type<scalar_t>;
   bool stream;
   Scratch<scalar_t>& scratch;
+  std::vector<acc_t>& staging = scratch.out;  // the scratch block of this output
 
+  // A writer of a second output in the same pass (its own scratch block).
+  Writer second() const { return {stream, scratch, scratch.out2}; }
   // Where to compute up to a block of outputs destined for dst.
   acc_t* block(scalar_t* dst) const {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       if (!stream) return dst;
     }
-    return scratch.out.data();
+    return staging.data();
   }
   // Writes the n outputs computed in block(dst) to dst.
   void store(scalar_t* dst, int64_t n) const {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (stream) stream_copy(dst, scratch.out.data(), n * int64_t(sizeof(scalar_t)));
+      if (stream) stream_copy(dst, staging.data(), n * int64_t(sizeof(scalar_t)));
     } else if (stream) {
-      at::vec::convert(scratch.out.data(), scratch.converted.data(), n);
+      at::vec::convert(staging.data(), scratch.converted.data(), n);
       stream_copy(dst, scratch.converted.data(), n * int64_t(sizeof(scalar_t)));
     } else {
-      at::vec::convert(scratch.out.data(), dst, n);
+      at::vec::convert(staging.data(), dst, n);
     }
   }
   void zero(scalar_t* dst, int64_t n) const {
@@ -262,12 +269,14 @@ struct Prepared {
 // x and route as the kernels read them, checked (ops.cpp).
 Prepared prepare(const Tensor& x_in, const Tensor& route_in);
 
-// The inputs a pass over the planes reads (for prefetching).
+// The inputs a pass over the planes reads (for prefetching): first (x) in every channel it
+// processes, second and third (grad_y, y, the residual) only in the channels some sample uses.
 template <typename scalar_t>
 struct PlaneReads {
   const scalar_t* first;
   const scalar_t* second;
-  bool unused_too;  // unused channels are read as well (for their statistics)
+  bool unused_too;  // unused channels are read as well (first, for their statistics)
+  const scalar_t* third = nullptr;
 };
 
 // Loads channel c's planes towards L1 when a channel is small. The hardware prefetcher follows
@@ -292,9 +301,11 @@ void for_each_plane(const Prepared& p, bool stream, PlaneReads<scalar_t> reads, 
     Scratch<scalar_t> scratch;
     const Writer<scalar_t> writer{stream, scratch};
     for (int64_t i = i0; i < i1; ++i) {
-      if (i + 1 < i1 && (reads.unused_too || p.used[p.order[i + 1]])) {
-        prefetch_channel(reads.first, p.sh, p.order[i + 1]);
-        prefetch_channel(reads.second, p.sh, p.order[i + 1]);
+      const int64_t next = i + 1 < i1 ? p.order[i + 1] : -1;
+      if (next >= 0 && (reads.unused_too || p.used[next])) prefetch_channel(reads.first, p.sh, next);
+      if (next >= 0 && p.used[next]) {
+        prefetch_channel(reads.second, p.sh, next);
+        prefetch_channel(reads.third, p.sh, next);
       }
       body(p.order[i], writer);
     }
@@ -302,10 +313,12 @@ void for_each_plane(const Prepared& p, bool stream, PlaneReads<scalar_t> reads, 
   });
 }
 
-// The backward's inputs, checked, with the forward's scale and shift (ops.cpp: prepare_backward).
+// The backward's inputs, checked, with the forward's scale and shift (ops.cpp: prepare_backward);
+// y: bn_add_relu_route's output, the gate of its backward (undefined for bn_relu_route).
 struct BackwardInputs : BackwardTensors {
   Prepared p;
   Tensor scale, shift;
+  Tensor y;
 };
 
 // ---- statistics (stats.cpp)
@@ -322,17 +335,21 @@ void update_running_stats(Tensor& running_mean, Tensor& running_var, const Tenso
 // ---- normalize (normalize.cpp)
 void normalize_relu_route(const Prepared& p, Tensor& y, const Tensor& mean, const Tensor& invstd,
                           const Tensor& weight, const Tensor& bias);
-// The fused forward: statistics (training), then the apply; fills out (from forward_outputs).
+// The fused forward: statistics (training), then the apply; fills out (from forward_outputs). With a
+// residual (bn_add_relu_route: x's shape and dtype, in x's processing layout) it is added before the ReLU.
 void bn_relu_route(const Prepared& p, ForwardOutputs& out, const Tensor& w, const Tensor& b, bool training,
-                   double eps, bool routed_stats, bool stats_all_channels);
+                   double eps, bool routed_stats, bool stats_all_channels, const Tensor& residual = Tensor());
 
 // ---- backward (backward.cpp)
 void backward_reduce(const BackwardInputs& in, Tensor& sum_dy, Tensor& sum_dy_xmu);
 void backward_apply(const BackwardInputs& in, const Tensor& sum_dy, const Tensor& sum_dy_xmu, const Tensor& count,
                     bool training, bool routed_stats, Tensor& dx);
-// sum_dy/sum_dy_xmu zero-filled [C]; dx allocated when output_mask[0].
+// The fused backward; output_mask = [grad_x, grad_residual, grad_weight, grad_bias] (grad_residual
+// only for bn_add_relu_route, given in.y). sum_dy/sum_dy_xmu zero-filled [C]; dx allocated when
+// output_mask[0], dr (grad_residual) when output_mask[1].
 void bn_relu_route_backward(const BackwardInputs& in, const Tensor& count, bool training, bool routed_stats,
-                            std::array<bool, 3> output_mask, Tensor& sum_dy, Tensor& sum_dy_xmu, Tensor& dx);
+                            std::array<bool, 4> output_mask, Tensor& sum_dy, Tensor& sum_dy_xmu, Tensor& dx,
+                            Tensor& dr);
 
 }  // namespace cpu
 }  // namespace taskrouting

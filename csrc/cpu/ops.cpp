@@ -1,6 +1,7 @@
-// CPU ops of the fused BatchNorm + ReLU + route op (schemas: taskrouting/ops/schemas.py):
-// argument checks, outputs, which stage runs, and the one CPU registration. The stages are in
-// stats.cpp, normalize.cpp and backward.cpp; kernels.h holds what they share.
+// CPU ops of the fused BatchNorm + ReLU + route op and of bn_add_relu_route, the same with a residual
+// added before the ReLU (schemas: taskrouting/ops/schemas.py): argument checks, outputs, which stage
+// runs, and the one CPU registration. The stages are in stats.cpp, normalize.cpp and backward.cpp;
+// kernels.h holds what they share.
 #include <torch/library.h>
 
 #include <array>
@@ -66,12 +67,14 @@ Prepared prepare(const Tensor& x_in, const Tensor& route_in) {
 
 namespace {
 
+// y: bn_add_relu_route's output, the gate of its backward (undefined for bn_relu_route).
 BackwardInputs prepare_backward(const Tensor& grad_y, const Tensor& x_in, const Tensor& route_in,
                                 const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-                                const Tensor& mean_in, const Tensor& invstd_in) {
+                                const Tensor& mean_in, const Tensor& invstd_in, const Tensor& y = Tensor()) {
   BackwardInputs in;
   in.p = prepare(x_in, route_in);
   static_cast<BackwardTensors&>(in) = backward_tensors(grad_y, in.p.x, weight, bias, mean_in, invstd_in);
+  if (y.defined()) in.y = in_layout_of(y, "y", in.p.x);
   in.scale = in.invstd * in.w;
   in.shift = in.b - in.mean * in.scale;
   return in;
@@ -96,16 +99,35 @@ Tensor normalize_relu_route_cpu(const Tensor& x_in, const Tensor& route_in, cons
   return y;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_relu_route_cpu(
-    const Tensor& x_in, const Tensor& route_in, const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
-    const std::optional<Tensor>& running_var, bool training, double eps, bool routed_stats,
-    bool stats_all_channels) {
+using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// The fused forward of both ops: residual_in undefined for bn_relu_route.
+ForwardResult fused_forward(const Tensor& x_in, const Tensor& residual_in, const Tensor& route_in,
+                            const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                            const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+                            bool training, double eps, bool routed_stats, bool stats_all_channels) {
   const Prepared p = prepare(x_in, route_in);
+  const Tensor residual = residual_in.defined() ? in_layout_of(residual_in, "residual", p.x) : Tensor();
   const Tensor w = per_channel_or(weight, "weight", p.x, 1.0), b = per_channel_or(bias, "bias", p.x, 0.0);
   ForwardOutputs out = forward_outputs(p.x, training, running_mean, running_var, eps);
-  bn_relu_route(p, out, w, b, training, eps, routed_stats, stats_all_channels);
+  bn_relu_route(p, out, w, b, training, eps, routed_stats, stats_all_channels, residual);
   return {out.y, out.mean, out.invstd, out.var, out.count};
+}
+
+ForwardResult bn_relu_route_cpu(const Tensor& x, const Tensor& route, const std::optional<Tensor>& weight,
+                                const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
+                                const std::optional<Tensor>& running_var, bool training, double eps, bool routed_stats,
+                                bool stats_all_channels) {
+  return fused_forward(x, Tensor(), route, weight, bias, running_mean, running_var, training, eps, routed_stats,
+                       stats_all_channels);
+}
+
+ForwardResult bn_add_relu_route_cpu(const Tensor& x, const Tensor& residual, const Tensor& route,
+                                    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                                    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+                                    bool training, double eps, bool routed_stats, bool stats_all_channels) {
+  return fused_forward(x, residual, route, weight, bias, running_mean, running_var, training, eps, routed_stats,
+                       stats_all_channels);
 }
 
 std::tuple<Tensor, Tensor> backward_reduce_cpu(const Tensor& grad_y, const Tensor& x, const Tensor& route,
@@ -144,21 +166,42 @@ Tensor grad_weight_of(const Prepared& p, const Tensor& sum_dy_xmu, const Tensor&
   return gw;
 }
 
-std::tuple<Tensor, Tensor, Tensor> bn_relu_route_backward_cpu(
-    const Tensor& grad_y, const Tensor& x, const Tensor& route, const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd, const Tensor& count_in,
-    bool training, bool routed_stats, std::array<bool, 3> output_mask) {
-  BackwardInputs in = prepare_backward(grad_y, x, route, weight, bias, mean, invstd);
+// The fused backward of both ops: [grad_x, grad_residual, grad_weight, grad_bias] as output_mask asks
+// (grad_residual only given in.y, bn_add_relu_route's).
+std::tuple<Tensor, Tensor, Tensor, Tensor> fused_backward(const BackwardInputs& in, const std::optional<Tensor>& weight,
+                                                          const std::optional<Tensor>& bias, const Tensor& count_in,
+                                                          bool training, bool routed_stats,
+                                                          std::array<bool, 4> output_mask) {
   const Tensor count = checked_count(count_in, in.p.x, training);
   Tensor sum_dy = at::zeros({in.p.sh.c}, in.mean.options()), sum_dy_xmu = at::zeros_like(sum_dy);
   Tensor dx = output_mask[0] ? at::empty_like(in.p.x) : empty_grad(in.p.x);
-  bn_relu_route_backward(in, count, training, routed_stats, output_mask, sum_dy, sum_dy_xmu, dx);
+  Tensor dr = output_mask[1] ? at::empty_like(in.p.x) : empty_grad(in.p.x);
+  bn_relu_route_backward(in, count, training, routed_stats, output_mask, sum_dy, sum_dy_xmu, dx, dr);
   auto param_grad = [&](const std::optional<Tensor>& param, const Tensor& value, bool needed) {
     if (!needed || !param.has_value() || !param->defined()) return empty_grad(in.p.x);
     return value.to(param->scalar_type());
   };
-  return {dx, param_grad(weight, grad_weight_of(in.p, sum_dy_xmu, in.invstd), output_mask[1]),
-          param_grad(bias, sum_dy, output_mask[2])};
+  return {dx, dr, param_grad(weight, grad_weight_of(in.p, sum_dy_xmu, in.invstd), output_mask[2]),
+          param_grad(bias, sum_dy, output_mask[3])};
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_relu_route_backward_cpu(const Tensor& grad_y, const Tensor& x,
+                                                              const Tensor& route, const std::optional<Tensor>& weight,
+                                                              const std::optional<Tensor>& bias, const Tensor& mean,
+                                                              const Tensor& invstd, const Tensor& count, bool training,
+                                                              bool routed_stats, std::array<bool, 3> output_mask) {
+  const BackwardInputs in = prepare_backward(grad_y, x, route, weight, bias, mean, invstd);
+  auto [dx, dr, dw, db] = fused_backward(in, weight, bias, count, training, routed_stats,
+                                         {output_mask[0], false, output_mask[1], output_mask[2]});
+  return {dx, dw, db};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_add_relu_route_backward_cpu(
+    const Tensor& grad_y, const Tensor& y, const Tensor& x, const Tensor& route, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd, const Tensor& count, bool training,
+    bool routed_stats, std::array<bool, 4> output_mask) {
+  const BackwardInputs in = prepare_backward(grad_y, x, route, weight, bias, mean, invstd, y);
+  return fused_backward(in, weight, bias, count, training, routed_stats, output_mask);
 }
 
 void update_running_stats_cpu(Tensor& running_mean, Tensor& running_var, const Tensor& mean_in,
@@ -188,6 +231,8 @@ TORCH_LIBRARY_IMPL(taskrouting, CPU, m) {
   m.impl("update_task_running_stats", &cpu::update_task_running_stats_cpu);
   m.impl("bn_relu_route", &cpu::bn_relu_route_cpu);
   m.impl("bn_relu_route_backward", &cpu::bn_relu_route_backward_cpu);
+  m.impl("bn_add_relu_route", &cpu::bn_add_relu_route_cpu);
+  m.impl("bn_add_relu_route_backward", &cpu::bn_add_relu_route_backward_cpu);
   m.impl("channel_stats", &cpu::channel_stats_cpu);
   m.impl("normalize_relu_route", &cpu::normalize_relu_route_cpu);
   m.impl("backward_reduce", &cpu::backward_reduce_cpu);

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "../bn_relu_route_checks.h"
 #include "../bn_relu_route_math.h"
@@ -354,6 +355,24 @@ Problem prepare(const at::Tensor& x, const at::Tensor& route);
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Run-time choices as compile-time constants for a generic lambda f (read with decltype(arg)::value):
+// the vector width (V where 128-bit accesses fit every operand, else 1), and a flag.
+template <int V, typename F>
+void with_vec(bool vec, F&& f) {
+  if (vec)
+    f(std::integral_constant<int, V>());
+  else
+    f(std::integral_constant<int, 1>());
+}
+
+template <typename F>
+void with_flag(bool flag, F&& f) {
+  if (flag)
+    f(std::true_type());
+  else
+    f(std::false_type());
+}
+
 inline int next_pow2(int64_t v) {
   int p = 1;
   while (p < v && p < (1 << 30)) p <<= 1;
@@ -374,6 +393,8 @@ int64_t resident_blocks_of(Kernel* kernel) {
 }
 
 bool aligned16(const void* p);
+// An optional operand (undefined: nothing to load) that does not stop 128-bit accesses.
+inline bool aligned16_or_absent(const at::Tensor& t) { return !t.defined() || aligned16(t.data_ptr()); }
 
 // Launch shapes (see the .cu files for the kernels that use them).
 struct PlanesShape {  // reductions over planes: grid (chunks, channels), block (bx, by)
@@ -435,27 +456,51 @@ void launch_update_task_running_stats(const at::Tensor& task_mean, const at::Ten
                                       const at::Tensor& var, const at::Tensor& count, std::optional<double> momentum);
 
 // ---- normalize (normalize.cu)
+// residual (optional; bn_add_relu_route): in x's processing layout, added before the ReLU and read
+// only where the sample goes through the channel.
 void launch_forward_params(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
                            const at::Tensor& bias, const at::Tensor& scale_shift);
-void launch_forward_apply(const Problem& p, const at::Tensor& y, const at::Tensor& scale_shift);
+void launch_forward_apply(const Problem& p, const at::Tensor& y, const at::Tensor& scale_shift,
+                          const at::Tensor& residual = at::Tensor());
 // The fused forward: one block per channel with the channel kept in shared memory; false when it
 // does not apply.
 bool try_fused_forward(const Problem& p, const at::Tensor& y, bool routed, bool all_channels, const at::Tensor& mean,
                        const at::Tensor& var, const at::Tensor& count, const at::Tensor& invstd,
-                       const at::Tensor& weight, const at::Tensor& bias, double eps);
+                       const at::Tensor& weight, const at::Tensor& bias, double eps,
+                       const at::Tensor& residual = at::Tensor());
 
 // ---- backward (backward.cu)
+// Where the backward's gate g comes from (compile-time: bn_relu_route's kernels are the
+// kPreActivation ones and stay as they were).
+enum class Gate {
+  kPreActivation,  // bn_relu_route: dy where x * scale + shift > 0, recomputed from x
+  kOutput,         // bn_add_relu_route: dy where its output y > 0 (the residual is not kept)
+  kStored,         // bn_add_relu_route's grad_x after a reduce that stored g in grad_residual
+};
+
+// bn_add_relu_route's backward (empty for bn_relu_route's): gate on y, and write g to
+// grad_residual (optional). With stored_g, the reduce writes g where the sample goes through the
+// channel (in whole 128-bit packs in the rows layout, zeros for the other channels of the pack)
+// and the apply reads it back from there instead of y and dy, and writes the rest of grad_residual.
+struct ResidualGrad {
+  at::Tensor y;
+  at::Tensor grad_residual;
+  bool stored_g = false;
+};
+
 // sum_dy/sum_dy_xmu [C]; params ([5][C], optional) from count (training) for launch_grad_apply.
 // grad_weight ([C], acc type, optional): written by the same kernels (no separate op).
 void launch_grad_reduce(const Problem& p, const at::Tensor& dy, const at::Tensor& mean, const at::Tensor& invstd,
                         const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& sum_dy,
                         const at::Tensor& sum_dy_xmu, const at::Tensor& params, const at::Tensor& count,
-                        bool training, const at::Tensor& grad_weight = at::Tensor());
+                        bool training, const at::Tensor& grad_weight = at::Tensor(),
+                        const ResidualGrad& res = ResidualGrad());
 void launch_grad_params(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
                         const at::Tensor& bias, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
                         const at::Tensor& count, bool training, const at::Tensor& params);
+// dx and params undefined: grad_residual only (res.y and res.grad_residual defined, no stored_g).
 void launch_grad_apply(const Problem& p, const at::Tensor& dy, const at::Tensor& dx, const at::Tensor& params,
-                       bool training, bool routed_stats);
+                       bool training, bool routed_stats, const ResidualGrad& res = ResidualGrad());
 
 }  // namespace cuda
 }  // namespace taskrouting

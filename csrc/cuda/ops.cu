@@ -11,6 +11,8 @@
 // tensor has enough channels to fill the GPU takes planes_fused_forward_kernel instead: one
 // block per channel, x read once. Eval: forward_params_kernel, then the apply kernel.
 // Backward: the gradient sums (which also write the grad_x coefficients), then grad_x.
+// bn_add_relu_route runs the same kernels with the residual (forward), and with the gate on y
+// and grad_residual (backward; ResidualGrad in kernels.cuh).
 #include <torch/library.h>
 
 #include <array>
@@ -128,27 +130,48 @@ Tensor normalize_relu_route_cuda(const Tensor& x, const Tensor& route, const Ten
   return y;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_relu_route_cuda(
-    const Tensor& x, const Tensor& route, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, bool training, double eps,
-    bool routed_stats, bool stats_all_channels) {
-  const c10::cuda::CUDAGuard guard(cuda_device(x));
-  const Problem p = prepare(x, route);
+// Both forward ops; residual: undefined for bn_relu_route, else in p.x's layout.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward(const Problem& p, const Tensor& residual,
+                                                           const std::optional<Tensor>& weight,
+                                                           const std::optional<Tensor>& bias,
+                                                           const std::optional<Tensor>& running_mean,
+                                                           const std::optional<Tensor>& running_var, bool training,
+                                                           double eps, bool routed_stats, bool stats_all_channels) {
   const Tensor w = per_channel_or(weight, "weight", p.x, 1.0), b = per_channel_or(bias, "bias", p.x, 0.0);
   ForwardOutputs out = forward_outputs(p.x, training, running_mean, running_var, eps);
   Tensor &y = out.y, &mean = out.mean, &invstd = out.invstd, &var = out.var, &count = out.count;
   if (!training) {
     const Tensor params = at::empty({2, p.c}, mean.options());
     launch_forward_params(mean, invstd, w, b, params);
-    launch_forward_apply(p, y, params);
+    launch_forward_apply(p, y, params, residual);
     return {y, mean, invstd, var, count};
   }
-  if (!try_fused_forward(p, y, routed_stats, stats_all_channels, mean, var, count, invstd, w, b, eps)) {
+  if (!try_fused_forward(p, y, routed_stats, stats_all_channels, mean, var, count, invstd, w, b, eps, residual)) {
     const Tensor params = at::empty({2, p.c}, mean.options());
     launch_stats(p, routed_stats, stats_all_channels, mean, var, count, invstd, params, w, b, eps);
-    launch_forward_apply(p, y, params);
+    launch_forward_apply(p, y, params, residual);
   }
   return {y, mean, invstd, var, count};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_relu_route_cuda(
+    const Tensor& x, const Tensor& route, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, bool training, double eps,
+    bool routed_stats, bool stats_all_channels) {
+  const c10::cuda::CUDAGuard guard(cuda_device(x));
+  const Problem p = prepare(x, route);
+  return forward(p, Tensor(), weight, bias, running_mean, running_var, training, eps, routed_stats,
+                 stats_all_channels);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_route_cuda(
+    const Tensor& x, const Tensor& residual, const Tensor& route, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
+    const std::optional<Tensor>& running_var, bool training, double eps, bool routed_stats, bool stats_all_channels) {
+  const c10::cuda::CUDAGuard guard(cuda_device(x));
+  const Problem p = prepare(x, route);
+  const Tensor res = in_layout_of(residual, "residual", p.x);
+  return forward(p, res, weight, bias, running_mean, running_var, training, eps, routed_stats, stats_all_channels);
 }
 
 struct BackwardInputs : BackwardTensors {
@@ -191,34 +214,66 @@ Tensor backward_apply_cuda(const Tensor& grad_y, const Tensor& x, const Tensor& 
   return dx;
 }
 
-std::tuple<Tensor, Tensor, Tensor> bn_relu_route_backward_cuda(
-    const Tensor& grad_y, const Tensor& x, const Tensor& route, const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd, const Tensor& count_in,
-    bool training, bool routed_stats, std::array<bool, 3> output_mask) {
-  const c10::cuda::CUDAGuard guard(cuda_device(x));
-  const BackwardInputs in = prepare_backward(grad_y, x, route, weight, bias, mean, invstd);
+// Both backward ops: output_mask [grad_x, grad_residual, grad_weight, grad_bias]; y: undefined for
+// bn_relu_route's (the gate recomputed from x, no grad_residual), else in p.x's layout.
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const BackwardInputs& in, const Tensor& y,
+                                                    const std::optional<Tensor>& weight,
+                                                    const std::optional<Tensor>& bias, const Tensor& count_in,
+                                                    bool training, bool routed_stats, std::array<bool, 4> output_mask) {
+  const auto [want_dx, want_dr, want_dw, want_db] = output_mask;
   const Tensor count = checked_count(count_in, in.p.x, training);
   // The reduce writes every channel's sums (and grad_weight): no zero-fill unless it does not run.
-  const bool reduce = training || output_mask[1] || output_mask[2];
+  const bool reduce = (training && want_dx) || want_dw || want_db;
   const auto sums_options = in.mean.options();
   Tensor sum_dy = reduce ? at::empty({in.p.c}, sums_options) : at::zeros({in.p.c}, sums_options);
   Tensor sum_dy_xmu = reduce ? at::empty_like(sum_dy) : at::zeros_like(sum_dy);
   const bool has_weight = weight.has_value() && weight->defined();
-  const Tensor grad_weight = output_mask[1] && has_weight ? at::empty_like(sum_dy) : Tensor();
-  Tensor dx = output_mask[0] ? at::empty_like(in.p.x) : empty_grad(in.p.x);
-  const Tensor params = output_mask[0] ? at::empty({5, in.p.c}, in.mean.options()) : Tensor();
+  const Tensor grad_weight = want_dw && has_weight ? at::empty_like(sum_dy) : Tensor();
+  Tensor dx = want_dx ? at::empty_like(in.p.x) : empty_grad(in.p.x);
+  Tensor dr = want_dr ? at::empty_like(in.p.x) : empty_grad(in.p.x);
+  const Tensor params = want_dx ? at::empty({5, in.p.c}, in.mean.options()) : Tensor();
+  ResidualGrad res;
+  res.y = y;
+  if (want_dr) res.grad_residual = dr;
+  // The reduce also writes g (to grad_residual) where routed and the apply reads it back instead
+  // of y and dy: one routed x-sized read less (training: 3 + 4r x-sized accesses instead of 3 + 5r,
+  // r the routed fraction).
+  res.stored_g = reduce && want_dx && want_dr;
   if (reduce) {
     launch_grad_reduce(in.p, in.dy, in.mean, in.invstd, in.w, in.b, sum_dy, sum_dy_xmu, params, count, training,
-                       grad_weight);
-  } else if (output_mask[0]) {
+                       grad_weight, res);
+  } else if (want_dx) {
     launch_grad_params(in.mean, in.invstd, in.w, in.b, sum_dy, sum_dy_xmu, count, training, params);
   }
-  if (output_mask[0]) launch_grad_apply(in.p, in.dy, dx, params, training, routed_stats);
+  // grad_residual alone is an element-wise pass (no reduction).
+  if (want_dx || want_dr)
+    launch_grad_apply(in.p, in.dy, want_dx ? dx : Tensor(), params, training, routed_stats, res);
   auto param_grad = [&](const std::optional<Tensor>& param, const Tensor& value, bool needed) {
     if (!needed || !param.has_value() || !param->defined()) return empty_grad(in.p.x);
     return value.to(param->scalar_type());  // no copy for float32 parameters of float32/half x
   };
-  return {dx, param_grad(weight, grad_weight, output_mask[1]), param_grad(bias, sum_dy, output_mask[2])};
+  return {dx, dr, param_grad(weight, grad_weight, want_dw), param_grad(bias, sum_dy, want_db)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_relu_route_backward_cuda(
+    const Tensor& grad_y, const Tensor& x, const Tensor& route, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd, const Tensor& count,
+    bool training, bool routed_stats, std::array<bool, 3> output_mask) {
+  const c10::cuda::CUDAGuard guard(cuda_device(x));
+  const BackwardInputs in = prepare_backward(grad_y, x, route, weight, bias, mean, invstd);
+  const auto grads = backward(in, Tensor(), weight, bias, count, training, routed_stats,
+                              {output_mask[0], false, output_mask[1], output_mask[2]});
+  return {std::get<0>(grads), std::get<2>(grads), std::get<3>(grads)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_add_relu_route_backward_cuda(
+    const Tensor& grad_y, const Tensor& y, const Tensor& x, const Tensor& route, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd, const Tensor& count,
+    bool training, bool routed_stats, std::array<bool, 4> output_mask) {
+  const c10::cuda::CUDAGuard guard(cuda_device(x));
+  const BackwardInputs in = prepare_backward(grad_y, x, route, weight, bias, mean, invstd);
+  const Tensor gate = in_layout_of(y, "y", in.p.x);
+  return backward(in, gate, weight, bias, count, training, routed_stats, output_mask);
 }
 
 void update_running_stats_cuda(Tensor& running_mean, Tensor& running_var, const Tensor& mean, const Tensor& var,
@@ -250,6 +305,8 @@ TORCH_LIBRARY_IMPL(taskrouting, CUDA, m) {
   m.impl("update_task_running_stats", &cuda::update_task_running_stats_cuda);
   m.impl("bn_relu_route", &cuda::bn_relu_route_cuda);
   m.impl("bn_relu_route_backward", &cuda::bn_relu_route_backward_cuda);
+  m.impl("bn_add_relu_route", &cuda::bn_add_relu_route_cuda);
+  m.impl("bn_add_relu_route_backward", &cuda::bn_add_relu_route_backward_cuda);
   m.impl("channel_stats", &cuda::channel_stats_cuda);
   m.impl("normalize_relu_route", &cuda::normalize_relu_route_cuda);
   m.impl("backward_reduce", &cuda::backward_reduce_cuda);

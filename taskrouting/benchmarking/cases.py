@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Shape", "MODES", "DTYPES", "Case", "Sweep", "ModelSettings", "Settings", "SWEEPS",
+__all__ = ["Shape", "MODES", "DTYPES", "Case", "Sweep", "ModelSettings", "MODEL_ARCHS", "Settings", "SWEEPS",
            "HEADLINE", "TASKS", "SHARING_RATIOS", "vgg11_shapes", "parse_shapes", "parse_dtype",
            "parse_mode", "shape_label", "ratio_sweep_repeats", "last_level_cache_bytes", "build_sweeps",
            "unique_cases", "preset", "PRESETS", "default_device", "settings_from_env"]
@@ -175,9 +175,13 @@ class Sweep:
         return base if base in self.cases else None
 
 
+MODEL_ARCHS = ("vgg11_bn", "resnet50")  # taskrouting.models builders the whole-model step can run
+
+
 @dataclass(frozen=True)
 class ModelSettings:
-    """One SGD training step of a routed VGG-11 on ``[batch, 3, resolution, resolution]``.
+    """One SGD training step of each routed model of ``archs`` (``taskrouting.models`` builders) on
+    ``[batch, 3, resolution, resolution]``.
 
     ``pool_size=1`` keeps the per-task heads small (they read ``C * pool_size**2`` features)."""
     batch: int = 8
@@ -186,11 +190,17 @@ class ModelSettings:
     num_tasks: int = 100
     sharing_ratio: float = 0.5
     pool_size: int = 1
+    archs: tuple[str, ...] = MODEL_ARCHS
+
+    def __post_init__(self):
+        unknown = [a for a in self.archs if a not in MODEL_ARCHS]
+        if unknown or not self.archs:
+            raise ValueError(f"model archs must be a non-empty list of {', '.join(MODEL_ARCHS)}, got {self.archs}")
 
     @property
     def label(self) -> str:
-        return (f"vgg11_bn {self.batch}x3x{self.resolution}x{self.resolution} width={self.width_mult:g} "
-                f"T={self.num_tasks} s={self.sharing_ratio:g}")
+        return (f"{'+'.join(self.archs)} {self.batch}x3x{self.resolution}x{self.resolution} "
+                f"width={self.width_mult:g} T={self.num_tasks} s={self.sharing_ratio:g}")
 
 
 @dataclass(frozen=True)

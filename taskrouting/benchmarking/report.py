@@ -185,6 +185,34 @@ def plot_sweep(report: Report, sweep: str, axis: str, path: Path, log_x: bool = 
     return True
 
 
+def plot_model(report: Report, path: Path) -> bool:
+    """The training steps: per model, each variant's time ratio to the reference and its saved activations;
+    False if nothing to plot."""
+    rows = [r for r in report.rows if r["sweep"] == "model" and r["status"] == "ok"]
+    models = list(dict.fromkeys(r["shape"] for r in rows))
+    if not models:
+        return False
+    Figure = require("matplotlib.figure", "plot", "plotting the benchmark").Figure
+    fig = Figure(figsize=(6.5 * len(models), 4.5), layout="constrained")
+    for ax, model in zip(fig.subplots(1, len(models), squeeze=False)[0], models):
+        series = [r for r in rows if r["shape"] == model]
+        names = [r["variant"] for r in series]
+        ratios = [r.get("vs_reference") or 1.0 for r in series]
+        bars = ax.bar(range(len(series)), ratios, color="tab:blue")
+        for bar, r in zip(bars, series):
+            if r.get("saved_mib") is not None:
+                ax.annotate(f"{r['saved_mib']:.3g} MiB", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=8)
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xticks(range(len(series)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("step time / reference (median of paired ratios)")
+        ax.set_title(f"{model}: train step (labels: activations saved for backward)", fontsize=10)
+    env = report.environment
+    fig.suptitle(f"model: {env.get('gpu') or env['cpu']}, torch {env['torch']}", fontsize=10)
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def write_all(report: Report, out: Path, plots: bool = True) -> list[Path]:
     """Write table.txt, results.csv, results.json and the plots into ``out``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
@@ -197,6 +225,8 @@ def write_all(report: Report, out: Path, plots: bool = True) -> list[Path]:
             for sweep, axis, log_x in (("tasks", "num_tasks", True), ("sharing_ratio", "sharing_ratio", False)):
                 if plot_sweep(report, sweep, axis, out / f"{sweep}.png", log_x):
                     paths.append(out / f"{sweep}.png")
+            if plot_model(report, out / "model.png"):
+                paths.append(out / "model.png")
         except MissingExtraError as exc:  # the tables are written; the plots are optional
             warnings.warn(f"plots skipped: {exc}", stacklevel=2)
     return paths

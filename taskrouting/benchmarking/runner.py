@@ -188,22 +188,28 @@ def run_group(sweep: Sweep, cases: tuple[Case, ...], variants: list[str], settin
 
 
 def run_model(settings: Settings, backends: list[str], timer) -> list[dict]:
-    """The whole-model rows (empty, with a note row, if the model is not available)."""
+    """The whole-model rows of every model of ``settings.model.archs`` (a note row for one not available)."""
+    return [row for arch in settings.model.archs for row in _run_one_model(settings, backends, timer, arch)]
+
+
+def _run_one_model(settings: Settings, backends: list[str], timer, arch: str) -> list[dict]:
     ms = settings.model
-    measured = {v: _prepare(lambda v=v: model_step(v, ms, settings.device, settings.seed), None, settings, timer)
-                for v in model_variants(backends)}
+    shape = f"{arch} {ms.batch}x3x{ms.resolution}x{ms.resolution}"
+    measured = {v: _prepare(lambda v=v: model_step(v, ms, settings.device, settings.seed, arch), None, settings,
+                            timer)
+                for v in model_variants(backends, settings.compile, arch)}
     if all(m.status == "skipped" for m in measured.values()):
         first = next(iter(measured.values()))
-        return [{"sweep": "model", "shape": ms.label, "variant": "-", "status": "skipped", "reason": first.reason}]
+        return [{"sweep": "model", "shape": shape, "variant": "-", "status": "skipped", "reason": first.reason}]
     _time_all(measured, settings, timer, settings.repeats)
     rows = []
     for variant, m in measured.items():
-        row = {"sweep": "model", "shape": f"{ms.batch}x3x{ms.resolution}x{ms.resolution}", "dtype": "float32",
+        row = {"sweep": "model", "shape": shape, "dtype": "float32",
                "mode": "train-step", "num_tasks": ms.num_tasks, "sharing_ratio": ms.sharing_ratio,
                "variant": variant, "status": m.status, "reason": m.reason,
                "saved_mib": None if m.step is None or m.step.saved_bytes is None else m.step.saved_bytes / 2 ** 20}
         row.update(_timing_fields(m, None))
-        for other in ("reference", "plain"):
+        for other in ("reference", "compiled", "plain"):
             row.update(_ratio_fields(other, m, measured.get(other)))
         base = base_variant(variant)
         if base is not None:  # the cost of the per-task statistics: the same step without them

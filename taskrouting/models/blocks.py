@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.bn_relu_route import BATCH_NORMS, BNReLURoute2d
+from ..nn.bn_relu_route import BATCH_NORMS, BNAddReLURoute2d, BNReLURoute2d
 from ..nn.masks import check_masks, check_seed, check_sharing_ratio, make_masks
 from ..nn.router import TaskRouter, active_task
 from ..nn.task_batch_norm import TaskBatchNorm2d
@@ -94,6 +94,12 @@ class Routing:
                                  stats=self.stats, backend=self.backend, task_stats=self.task_stats)
         return ReferenceBNReLURoute2d(num_channels, masks=masks, sharing_ratio=self.sharing_ratio,
                                       task_stats=self.task_stats)
+
+    def bn_add_relu_route(self, num_channels: int) -> BNAddReLURoute2d:
+        """A ResNet block's fused tail, BatchNorm2d → add → ReLU → route (``fused`` models): batch statistics,
+        as the unrouted BatchNorm it replaces (``batch_norm``), and the router's masks."""
+        return BNAddReLURoute2d(num_channels, masks=self.masks(num_channels), sharing_ratio=self.sharing_ratio,
+                                backend=self.backend, task_stats=self.task_stats)
 
     def batch_norm(self, num_channels: int) -> nn.Module:
         """An unrouted BatchNorm2d (a ResNet's ``bn3`` and shortcut): with ``task_stats``, a

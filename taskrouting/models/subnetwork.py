@@ -95,7 +95,7 @@ def _identity(keep: torch.Tensor, inputs: torch.Tensor | None, channels: int) ->
 
 
 def _bottleneck(block: Bottleneck, task: int, inputs: torch.Tensor | None, fold_bn: bool):
-    hidden1, hidden2, keep = _active(block.bn1, task), _active(block.bn2, task), _active(block.route, task)
+    hidden1, hidden2, keep = _active(block.bn1, task), _active(block.bn2, task), _active(block.output_router, task)
     body = nn.Sequential(*_conv_bn(block.conv1, block.bn1, hidden1, inputs, fold_bn, task), nn.ReLU(),
                          *_conv_bn(block.conv2, block.bn2, hidden2, hidden1, fold_bn, task), nn.ReLU(),
                          *_conv_bn(block.conv3, block.bn3, keep, hidden2, fold_bn, task))

@@ -1,4 +1,5 @@
-"""BNReLURoute1d/2d/3d: BatchNorm → ReLU → Task Routing as one fused layer."""
+"""BNReLURoute1d/2d/3d: BatchNorm → ReLU → Task Routing as one fused layer; BNAddReLURoute2d with a residual
+added before the ReLU (a ResNet bottleneck's tail)."""
 from __future__ import annotations
 
 import functools
@@ -15,7 +16,7 @@ from .router import TaskConditioned
 from .state import CheckedStateLoad
 from .task_stats import TaskStats
 
-__all__ = ["BNReLURoute1d", "BNReLURoute2d", "BNReLURoute3d", "BATCH_NORMS"]
+__all__ = ["BNReLURoute1d", "BNReLURoute2d", "BNReLURoute3d", "BNAddReLURoute2d", "BATCH_NORMS"]
 
 
 class _BNReLURoute(CheckedStateLoad, TaskStats, nn.modules.batchnorm._NormBase, TaskConditioned):
@@ -31,7 +32,6 @@ class _BNReLURoute(CheckedStateLoad, TaskStats, nn.modules.batchnorm._NormBase, 
     Per-sample tasks run one op call per task group (correct, not one pass)."""
 
     _ranks: tuple[int, ...] = ()
-    _bn_relu_route_on = staticmethod(ops.bn_relu_route_on)  # the sync variant overrides it
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
@@ -72,6 +72,16 @@ class _BNReLURoute(CheckedStateLoad, TaskStats, nn.modules.batchnorm._NormBase, 
         return 1.0 / (float(self.num_batches_tracked) + 1.0) if self._counts_batch() else 0.0
 
     def forward(self, x: torch.Tensor, task=None) -> torch.Tensor:
+        return self._routed_forward(x, None, task)
+
+    def _op_on(self, x, residual, route, *args, **kwargs):
+        """The fused op on a selected route: ``bn_relu_route_on``, or ``bn_add_relu_route_on`` with a residual
+        (the sync variant overrides this)."""
+        if residual is None:
+            return ops.bn_relu_route_on(x, route, *args, **kwargs)
+        return ops.bn_add_relu_route_on(x, residual, route, *args, **kwargs)
+
+    def _routed_forward(self, x: torch.Tensor, residual: torch.Tensor | None, task) -> torch.Tensor:
         self._check_input_dim(x)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
@@ -79,39 +89,44 @@ class _BNReLURoute(CheckedStateLoad, TaskStats, nn.modules.batchnorm._NormBase, 
         running_var = self.running_var if keep_running else None
         ops.check_inputs(x, self.masks, self.weight, self.bias, running_mean, running_var, use_batch_stats,
                          self.momentum or 0.0, self.eps, self.stats)
+        if residual is not None:
+            ops.check_residual(residual, x)
         if self.task_stats:
-            y = self._forward_task_stats(x, self.active_task if task is None else task)
+            y = self._forward_task_stats(x, residual, self.active_task if task is None else task)
         else:
             route = select_route(self.masks, self.active_task if task is None else task, x.shape[0], x.device)
-            y = self._bn_relu_route_on(x, route, self.weight, self.bias, running_mean, running_var,
-                                       use_batch_stats, self._average_factor(), self.eps, self.stats, self.backend)
+            y = self._op_on(x, residual, route, self.weight, self.bias, running_mean, running_var,
+                            use_batch_stats, self._average_factor(), self.eps, self.stats, self.backend)
         if self._counts_batch():  # after the op: a rejected call (e.g. an unavailable backend) counts nothing
             self.num_batches_tracked.add_(1)
         return y
 
-    def _forward_task_stats(self, x: torch.Tensor, task) -> torch.Tensor:
+    def _forward_task_stats(self, x: torch.Tensor, residual: torch.Tensor | None, task) -> torch.Tensor:
         task = check_task_ids(task, self.num_tasks, x.shape[0], x.device)
         if isinstance(task, torch.Tensor) and task.dim() == 0:
             task = int(task)
         if isinstance(task, int):
-            return self._one_task(x, task, self._average_factor() if self.training else 0.0)
+            return self._one_task(x, residual, task, self._average_factor() if self.training else 0.0)
         if self.training:
             self._check_group_sizes(x, task)
             mean, var, count = channel_stats(x.detach(), self.masks[task] if self.stats == "routed" else None)
             update_running_stats(self.running_mean, self.running_var, mean, var, count, self._average_factor())
-        return self._grouped(x, task, lambda part, t: self._one_task(part, t, None))
+        if residual is None:
+            return self._grouped(x, task, lambda part, t: self._one_task(part, None, t, None))
+        return self._grouped(x, task, lambda part, t, r: self._one_task(part, r, t, None), residual)
 
-    def _one_task(self, x: torch.Tensor, task: int, shared_factor: float | None) -> torch.Tensor:
+    def _one_task(self, x: torch.Tensor, residual: torch.Tensor | None, task: int,
+                  shared_factor: float | None) -> torch.Tensor:
         """The op on a batch of one task: training updates its row (and, unless ``shared_factor`` is
         None, the shared stats); eval normalises with its row."""
         mean, var = self._task_rows(task)
         if not self.training:
-            return ops.bn_relu_route_on(x, self.masks[task], self.weight, self.bias, mean, var, False, 0.0,
-                                        self.eps, self.stats, self.backend)
+            return self._op_on(x, residual, self.masks[task], self.weight, self.bias, mean, var, False, 0.0,
+                               self.eps, self.stats, self.backend)
         shared = (None, None, 0.0) if shared_factor is None else (self.running_mean, self.running_var, shared_factor)
-        return self._bn_relu_route_on(x, self.masks[task], self.weight, self.bias, *shared[:2], True, shared[2],
-                                      self.eps, self.stats, self.backend,
-                                      also_update=functools.partial(self._update_task_row, task))
+        return self._op_on(x, residual, self.masks[task], self.weight, self.bias, *shared[:2], True, shared[2],
+                           self.eps, self.stats, self.backend,
+                           also_update=functools.partial(self._update_task_row, task))
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, num_tasks={self.num_tasks}, sharing_ratio={self.sharing_ratio}, "
@@ -135,3 +150,15 @@ class BNReLURoute3d(_BNReLURoute):
 
 # Every BatchNorm-like layer with running statistics: PyTorch's and the fused routed ones.
 BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, _BNReLURoute)
+
+
+class BNAddReLURoute2d(_BNReLURoute):
+    """Fused ``TaskRouter(ReLU(BatchNorm2d(x) + residual))``: a ResNet bottleneck's tail in one op
+    (``ops.bn_add_relu_route``), ``forward(x, residual, task=None)``. Same arguments and state_dict as
+    ``BNReLURoute2d``; the gradient reaches both x and the residual."""
+    _ranks = (4,)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, task=None) -> torch.Tensor:
+        if residual is None:  # checked in full with x (None would mean no residual there)
+            raise TypeError("residual must be a Tensor, got NoneType")
+        return self._routed_forward(x, residual, task)

@@ -5,14 +5,15 @@ import copy
 
 from torch import nn
 
-from .bn_relu_route import BNReLURoute1d, BNReLURoute2d, BNReLURoute3d
+from .bn_relu_route import BNAddReLURoute2d, BNReLURoute1d, BNReLURoute2d, BNReLURoute3d
 from .router import TaskConditioned
-from .sync_bn_relu_route import SyncBNReLURoute1d, SyncBNReLURoute2d, SyncBNReLURoute3d
+from .sync_bn_relu_route import SyncBNAddReLURoute2d, SyncBNReLURoute1d, SyncBNReLURoute2d, SyncBNReLURoute3d
 from .task_batch_norm import TaskBatchNorm2d
 
 __all__ = ["convert_sync_batchnorm"]
 
-_SYNC = {BNReLURoute1d: SyncBNReLURoute1d, BNReLURoute2d: SyncBNReLURoute2d, BNReLURoute3d: SyncBNReLURoute3d}
+_SYNC = {BNReLURoute1d: SyncBNReLURoute1d, BNReLURoute2d: SyncBNReLURoute2d, BNReLURoute3d: SyncBNReLURoute3d,
+         BNAddReLURoute2d: SyncBNAddReLURoute2d}
 
 
 def _synced(layer: nn.Module, process_group) -> nn.Module:
@@ -47,10 +48,10 @@ def _convert_routed(module: nn.Module, process_group) -> nn.Module:
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
-    """Replace every ``BNReLURoute*d`` by ``SyncBNReLURoute*d`` and every other BatchNorm by
-    ``nn.SyncBatchNorm`` (PyTorch's converter), sharing parameters and buffers, over ``process_group``
-    (the default group when None). Returns the converted module (a new one if ``module`` itself is a
-    BatchNorm layer), in place otherwise, like ``nn.SyncBatchNorm.convert_sync_batchnorm``."""
+    """Replace every ``BNReLURoute*d`` (``BNAddReLURoute2d``) by ``SyncBNReLURoute*d`` (``SyncBNAddReLURoute2d``)
+    and every other BatchNorm by ``nn.SyncBatchNorm`` (PyTorch's converter), sharing parameters and buffers,
+    over ``process_group`` (the default group when None). Returns the converted module (a new one if ``module``
+    itself is a BatchNorm layer), in place otherwise, like ``nn.SyncBatchNorm.convert_sync_batchnorm``."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     _check_convertible(module)  # before any change, so that a rejected call leaves the model as it was

@@ -10,6 +10,11 @@ same running statistics. With ``task_stats=True`` the task's row is updated from
 statistics (one task per batch; per-sample tasks are refused, since each process would hold other
 task groups). In eval mode, with one process, or outside ``torch.distributed``, it is the plain
 fused layer.
+
+``SyncBNAddReLURoute2d`` (a ResNet block's fused tail) runs the same stages: its forward normalises
+with the merged statistics through ``bn_add_relu_route`` in eval form (the residual added before the
+ReLU), and its backward feeds the stages ``g = grad_y · [y > 0]``, whose gate already holds the
+residual's effect (see ``_SyncedBNReLURoute.backward``); ``grad_residual`` is that g.
 """
 from __future__ import annotations
 
@@ -17,13 +22,13 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from ..ops.bn_relu_route import _update_running_stats
+from ..ops.bn_relu_route import update_running_stats_of
 from ..ops.reference import route_view
 from ..ops.schemas import stats_dtype
 from ..ops.stages import stage_ops
-from .bn_relu_route import BNReLURoute1d, BNReLURoute2d, BNReLURoute3d, _BNReLURoute
+from .bn_relu_route import BNAddReLURoute2d, BNReLURoute1d, BNReLURoute2d, BNReLURoute3d, _BNReLURoute
 
-__all__ = ["SyncBNReLURoute1d", "SyncBNReLURoute2d", "SyncBNReLURoute3d", "world_size"]
+__all__ = ["SyncBNReLURoute1d", "SyncBNReLURoute2d", "SyncBNReLURoute3d", "SyncBNAddReLURoute2d", "world_size"]
 
 
 def world_size(process_group=None) -> int:
@@ -38,11 +43,13 @@ def _local_used(route: torch.Tensor) -> torch.Tensor:
 
 
 class _SyncedBNReLURoute(torch.autograd.Function):
-    """The staged op with the per-channel sums all-reduced between the stages."""
+    """The staged op with the per-channel sums all-reduced between the stages; with a ``residual``, the
+    staged ``bn_add_relu_route``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, route, stages, routed, eps, group, running_mean, running_var, momentum,
-                also_update):
+    def forward(ctx, x, weight, bias, route, backend, routed, eps, group, running_mean, running_var, momentum,
+                also_update, residual):
+        stages = stage_ops(backend)
         channels, dtype = x.shape[1], stats_dtype(x)
         used = _local_used(route)
         if x.shape[0] == 0:  # an empty shard still joins the collectives, with nothing to add
@@ -70,23 +77,37 @@ class _SyncedBNReLURoute(torch.autograd.Function):
         mean, var, count = global_mean.to(dtype), global_var.to(dtype), total.to(dtype)
         invstd = torch.rsqrt(var + eps)
         if running_mean is not None:
-            _update_running_stats(running_mean, running_var, mean, var, count, momentum)
+            update_running_stats_of(running_mean, running_var, mean, var, count, momentum)
         if also_update is not None:  # a task's row (task_stats), from the same merged statistics
             also_update(mean, var, count)
-        y = torch.empty_like(x) if x.shape[0] == 0 else stages.normalize_relu_route(x, route, mean, invstd,
-                                                                                      weight, bias)
-        ctx.save_for_backward(x, weight, bias, route, mean, invstd, count, extra)
+        if x.shape[0] == 0:
+            y = torch.empty_like(x)
+        elif residual is None:
+            y = stages.normalize_relu_route(x, route, mean, invstd, weight, bias)
+        else:  # the op in eval form normalises with given statistics (invstd = rsqrt(var + eps) as above)
+            y = ops.bn_add_relu_route_on(x, residual, route, weight, bias, mean, var, False, 0.0, eps,
+                                         "batch", backend)
+        ctx.save_for_backward(x, weight, bias, route, mean, invstd, count, extra,
+                              y if residual is not None else None)
         ctx.stages, ctx.routed, ctx.group = stages, routed, group
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, bias, route, mean, invstd, count, extra = ctx.saved_tensors
+        x, weight, bias, route, mean, invstd, count, extra, y = ctx.saved_tensors
         stages = ctx.stages
+        shift, grad_residual = bias, None
+        if y is not None:
+            # The tail's gate is y > 0 (the residual entered the ReLU): applied here, while an infinite shift
+            # keeps the stages' own ReLU gate (pre-activation > 0, without the residual) open. The bias enters
+            # the stages nowhere else.
+            grad_y = torch.where(y > 0, grad_y, grad_y.new_zeros(()))
+            grad_residual = grad_y if ctx.needs_input_grad[12] else None
+            shift = torch.full((x.shape[1],), float("inf"), dtype=mean.dtype, device=x.device)
         if x.shape[0] == 0:
             sum_dy = sum_dy_xmu = mean.new_zeros(x.shape[1])
         else:
-            sum_dy, sum_dy_xmu = stages.backward_reduce(grad_y, x, route, mean, invstd, weight, bias)
+            sum_dy, sum_dy_xmu = stages.backward_reduce(grad_y, x, route, mean, invstd, weight, shift)
         packed = torch.cat([sum_dy, sum_dy_xmu])
         dist.all_reduce(packed, group=ctx.group)
         global_dy, global_dy_xmu = packed.chunk(2)
@@ -100,12 +121,13 @@ class _SyncedBNReLURoute(torch.autograd.Function):
                     # samples entered their batch statistics. Mark them routed and zero their grad_y.
                     grad_y = grad_y * route_view(route, grad_y)
                     route = route | extra
-                grad_x = stages.backward_apply(grad_y, x, route, mean, invstd, weight, bias, global_dy,
+                grad_x = stages.backward_apply(grad_y, x, route, mean, invstd, weight, shift, global_dy,
                                                global_dy_xmu, count, True, ctx.routed)
         grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] \
             else None
         grad_bias = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
+        return (grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None,
+                grad_residual)
 
 
 class _SyncBNReLURoute(_BNReLURoute):
@@ -119,22 +141,21 @@ class _SyncBNReLURoute(_BNReLURoute):
     def _synced(self) -> bool:
         return self.training and world_size(self.process_group) > 1
 
-    def _bn_relu_route_on(self, x, route, weight, bias, running_mean, running_var, training, momentum, eps,
-                          stats, backend, also_update=None):
+    def _op_on(self, x, residual, route, weight, bias, running_mean, running_var, training, momentum, eps, stats,
+               backend, also_update=None):
         if not (training and self._synced()):
-            return ops.bn_relu_route_on(x, route, weight, bias, running_mean, running_var, training, momentum,
-                                        eps, stats, backend, also_update=also_update)
-        stages = stage_ops(ops.resolve_backend(backend, x))
-        return _SyncedBNReLURoute.apply(x, weight, bias, route, stages, stats == "routed", float(eps),
-                                        self.process_group, running_mean, running_var, float(momentum),
-                                        also_update)
+            return super()._op_on(x, residual, route, weight, bias, running_mean, running_var, training, momentum,
+                                  eps, stats, backend, also_update=also_update)
+        return _SyncedBNReLURoute.apply(x, weight, bias, route, ops.resolve_backend(backend, x), stats == "routed",
+                                        float(eps), self.process_group, running_mean, running_var, float(momentum),
+                                        also_update, residual)
 
-    def _forward_task_stats(self, x, task):
+    def _forward_task_stats(self, x, residual, task):
         if self._synced() and isinstance(task, torch.Tensor) and task.dim() == 1:
             # Each process would hold other task groups, and the collectives of the groups would not pair up.
             raise ValueError("task_stats=True with per-sample tasks is not synchronised across processes: train "
                              "with one task per batch (an int task), or use task_stats=False")
-        return super()._forward_task_stats(x, task)
+        return super()._forward_task_stats(x, residual, task)
 
 
 class SyncBNReLURoute1d(_SyncBNReLURoute, BNReLURoute1d):
@@ -147,3 +168,7 @@ class SyncBNReLURoute2d(_SyncBNReLURoute, BNReLURoute2d):
 
 class SyncBNReLURoute3d(_SyncBNReLURoute, BNReLURoute3d):
     """``BNReLURoute3d`` with statistics synchronised over ``process_group``."""
+
+
+class SyncBNAddReLURoute2d(_SyncBNReLURoute, BNAddReLURoute2d):
+    """``BNAddReLURoute2d`` with statistics synchronised over ``process_group``."""

@@ -88,13 +88,15 @@ class TaskStats:
         return order, list(zip(tasks.tolist(), counts.tolist()))
 
     @classmethod
-    def _grouped(cls, x: torch.Tensor, task: torch.Tensor, run) -> torch.Tensor:
-        """``run(x_group, t)`` on the samples of each present task ``t``, reassembled in x's order."""
+    def _grouped(cls, x: torch.Tensor, task: torch.Tensor, run, *others: torch.Tensor) -> torch.Tensor:
+        """``run(x_group, t, *other_groups)`` on the samples of each present task ``t`` (``others``: more
+        per-sample tensors, grouped alike), reassembled in x's order."""
         if x.shape[0] == 0:
             return x * 0
         order, groups = cls._per_task_groups(task)
-        parts = x.index_select(0, order).split([n for _, n in groups])
-        y = torch.cat([run(part, t) for part, (t, _) in zip(parts, groups)])
+        sizes = [n for _, n in groups]
+        parts = zip(*(t.index_select(0, order).split(sizes) for t in (x, *others)))
+        y = torch.cat([run(part, t, *rest) for (part, *rest), (t, _) in zip(parts, groups)])
         return y.index_select(0, order.argsort())
 
     @staticmethod

@@ -10,10 +10,10 @@ from .reference import bn_relu_route_reference, channel_stats, update_running_st
 from .route import select_route
 from .schemas import NATIVE_TASK_UPDATE, NATIVE_UPDATE
 
-__all__ = ["bn_relu_route", "bn_relu_route_on", "combine_stats", "update_task_rows"]
+__all__ = ["bn_relu_route", "bn_relu_route_on", "combine_stats", "update_task_rows", "update_running_stats_of"]
 
 
-def _update_running_stats(running_mean, running_var, mean, var, count, momentum: float) -> None:
+def update_running_stats_of(running_mean, running_var, mean, var, count, momentum: float) -> None:
     """One compiled kernel where there is one (a handful of tiny eager ops cost ~25 µs), else PyTorch."""
     if NATIVE_UPDATE.get(running_mean.device.type, False) and running_mean.is_contiguous() \
             and running_var.is_contiguous():
@@ -72,7 +72,7 @@ def bn_relu_route_on(x, route, weight, bias, running_mean, running_var, training
         x, route, weight, bias, running_mean, running_var, training, float(eps), routed, track and not routed)
     note_output(y, family, x, route, mean, invstd, weight, bias)
     if track and running_mean is not None:
-        _update_running_stats(running_mean, running_var, mean, var, count, float(momentum))
+        update_running_stats_of(running_mean, running_var, mean, var, count, float(momentum))
     if track and also_update is not None:
         also_update(mean, var, count)
     return y

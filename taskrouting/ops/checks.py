@@ -5,7 +5,7 @@ import numbers
 
 import torch
 
-__all__ = ["check_inputs", "check_positive_int", "DTYPES"]
+__all__ = ["check_inputs", "check_residual", "check_positive_int", "DTYPES"]
 
 
 def check_positive_int(value, name: str) -> int:
@@ -65,3 +65,15 @@ def check_inputs(x, masks, weight, bias, running_mean, running_var, training, mo
     if training and x.numel() == x.shape[1]:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{tuple(x.shape)}")
+
+
+def check_residual(residual, x) -> None:
+    """The residual of ``bn_add_relu_route``: x's shape, dtype and device."""
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a Tensor, got {type(residual).__name__}")
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+    if residual.device != x.device:
+        raise ValueError(f"residual is on {residual.device} but x is on {x.device}")

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from .layout import output_strides
 
-__all__ = ["bn_relu_route_reference", "bn_relu_route_backward_reference", "route_view", "route_select",
+__all__ = ["bn_relu_route_reference", "bn_relu_route_backward_reference", "bn_add_relu_route_reference",
+           "bn_add_relu_route_backward_reference", "route_view", "route_select",
            "update_running_stats", "update_task_running_stats", "unbiased_var", "channel_stats"]
 
 
@@ -127,13 +128,28 @@ def bn_relu_route_reference(x, route, weight=None, bias=None, running_mean=None,
     """``relu(batch_norm(x)) * route``, exactly 0 on masked channels (NaN and inf in ``x`` included);
     updates the running stats in place when training."""
     strides = output_strides(x)
+    y = _normalized(x, route, weight, bias, running_mean, running_var, training, momentum, eps, routed_stats)
+    return _restride(route_select(F.relu(y), route), strides)
+
+
+def _normalized(x, route, weight, bias, running_mean, running_var, training, momentum, eps, routed_stats):
+    """batch_norm(x) (routed statistics if asked), with grad_x in the kernels' layout and no gradient
+    through channels no sample uses; updates the running stats in place when training."""
     x = _GradInKernelLayout.apply(x)
     x, weight, bias = _cut_unrouted(route, x, weight, bias)
     if training and routed_stats:
-        y = _routed_batch_norm(x, route, weight, bias, running_mean, running_var, momentum, eps)
-    else:
-        y = _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    return _restride(route_select(F.relu(y), route), strides)
+        return _routed_batch_norm(x, route, weight, bias, running_mean, running_var, momentum, eps)
+    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def bn_add_relu_route_reference(x, residual, route, weight=None, bias=None, running_mean=None, running_var=None,
+                                training=True, momentum=0.1, eps=1e-5, routed_stats=False):
+    """``relu(batch_norm(x) + residual) * route`` as a user's unfused ResNet computes it (in x's dtype),
+    exactly 0 on masked channels whatever x or the residual hold there; grad_residual in x's layout."""
+    strides = output_strides(x)
+    residual = _GradInKernelLayout.apply(residual, strides)
+    y = _normalized(x, route, weight, bias, running_mean, running_var, training, momentum, eps, routed_stats)
+    return _restride(route_select(F.relu(y + residual), route), strides)
 
 
 def _restride(t: torch.Tensor, strides) -> torch.Tensor:
@@ -148,13 +164,13 @@ class _GradInKernelLayout(torch.autograd.Function):
     """Identity on x whose backward gives grad_x the strides every backend returns for x."""
 
     @staticmethod
-    def forward(ctx, x):
-        ctx.strides = output_strides(x)
+    def forward(ctx, x, strides=None):
+        ctx.strides = output_strides(x) if strides is None else strides
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return _restride(grad, ctx.strides)
+        return _restride(grad, ctx.strides), None
 
 
 def bn_relu_route_backward_reference(grad_y, x, route, weight, bias, mean, invstd, training: bool, eps: float,
@@ -191,3 +207,39 @@ def bn_relu_route_backward_reference(grad_y, x, route, weight, bias, mean, invst
         g = next(grads)
         out.append(torch.zeros_like(t) if g is None else g)
     return tuple(out)
+
+
+def bn_add_relu_route_backward_reference(grad_y, y, x, route, weight, bias, mean, invstd, training: bool,
+                                         eps: float, routed_stats: bool, output_mask):
+    """``bn_add_relu_route``'s backward (grad_x, grad_residual, grad_weight, grad_bias) as differentiable
+    PyTorch ops: g = grad_y where y > 0 (y is 0 wherever the sample is not routed) is grad_residual,
+    and batch_norm's backward of g the rest. Outputs not in ``output_mask`` are empty."""
+    g = torch.where(y > 0, grad_y, grad_y.new_zeros(()))
+    given = (x, weight, bias)
+    bn_mask = [output_mask[0], output_mask[2], output_mask[3]]
+    wanted = [t is not None and bool(need) for t, need in zip(given, bn_mask)]
+    with torch.enable_grad():
+        inputs = [t if t is None or t.requires_grad else t.detach().requires_grad_() for t in given]
+        xi, wi, bi = inputs
+        if training:
+            pre = _normalized(xi, route, wi, bi, None, None, True, 0.0, eps, routed_stats)
+        else:
+            xi, wi, bi = _cut_unrouted(route, xi, wi, bi)
+            shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+            pre = (xi.to(mean.dtype) - mean.view(shape)) * invstd.view(shape)
+            if wi is not None:
+                pre = pre * wi.to(mean.dtype).view(shape)
+            if bi is not None:
+                pre = pre + bi.to(mean.dtype).view(shape)
+        sources = [t for t, want in zip(inputs, wanted) if want]
+        grads = iter(torch.autograd.grad(pre, sources, g.to(pre.dtype), create_graph=True, allow_unused=True)
+                     if sources else ())
+    out = []
+    for t, want in zip(inputs, wanted):
+        if not want:
+            out.append(x.new_empty(0))
+            continue
+        grad = next(grads)
+        out.append(torch.zeros_like(t) if grad is None else grad)
+    grad_residual = _restride(g, output_strides(x)) if output_mask[1] else x.new_empty(0)
+    return out[0], grad_residual, out[1], out[2]

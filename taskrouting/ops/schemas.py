@@ -19,10 +19,10 @@ import torch
 
 from . import extension
 from .layout import empty_output
-from .reference import bn_relu_route_backward_reference
+from .reference import bn_add_relu_route_backward_reference, bn_relu_route_backward_reference
 
-__all__ = ["SCHEMAS", "FAMILIES", "UPDATE_SCHEMA", "TASK_UPDATE_SCHEMA", "NATIVE_KERNELS", "NATIVE_UPDATE",
-           "NATIVE_TASK_UPDATE", "stats_dtype"]
+__all__ = ["SCHEMAS", "ADD_SCHEMAS", "FAMILIES", "UPDATE_SCHEMA", "TASK_UPDATE_SCHEMA", "NATIVE_KERNELS",
+           "NATIVE_ADD_KERNELS", "NATIVE_UPDATE", "NATIVE_TASK_UPDATE", "stats_dtype"]
 
 # Statistics are float32 (float64 for float64 input); route is bool [C] or [N, C].
 # In eval (training=False) `var` and `count` are empty and `mean`/`invstd` come from the running stats.
@@ -49,10 +49,28 @@ SCHEMAS = {
         "bool routed_stats) -> Tensor",
 }
 
+# relu(batch_norm(x) + residual) * route: a ResNet block's tail. The forward is bn_relu_route's with
+# the residual added before the ReLU; the backward gates on the saved output y (> 0 exactly where
+# the pre-activation was and the sample is routed), so neither the residual nor a mask is kept.
+ADD_SCHEMAS = {
+    "bn_add_relu_route":
+        "(Tensor x, Tensor residual, Tensor route, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+        "Tensor? running_var, bool training, float eps, bool routed_stats, bool stats_all_channels)"
+        " -> (Tensor y, Tensor mean, Tensor invstd, Tensor var, Tensor count)",
+    "bn_add_relu_route_backward":
+        "(Tensor grad_y, Tensor y, Tensor x, Tensor route, Tensor? weight, Tensor? bias, Tensor mean, "
+        "Tensor invstd, Tensor count, bool training, bool routed_stats, bool[4] output_mask)"
+        " -> (Tensor grad_x, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)",
+}
+
 FAMILIES = {"native": "", "triton": "triton_"}
 
 # The backward as differentiable PyTorch ops (the reference formula), run by both families'
 # autograd instead of the kernels when grad mode is on during backward (create_graph=True).
+ADD_DIFFERENTIABLE_BACKWARD_SCHEMA = (
+    "bn_add_relu_route_backward_differentiable(Tensor grad_y, Tensor y, Tensor x, Tensor route, Tensor? weight, "
+    "Tensor? bias, Tensor mean, Tensor invstd, bool training, float eps, bool routed_stats, bool[4] output_mask)"
+    " -> (Tensor grad_x, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)")
 DIFFERENTIABLE_BACKWARD_SCHEMA = (
     "bn_relu_route_backward_differentiable(Tensor grad_y, Tensor x, Tensor route, Tensor? weight, "
     "Tensor? bias, Tensor mean, Tensor invstd, bool training, float eps, bool routed_stats, bool[3] output_mask)"
@@ -93,6 +111,17 @@ def _fake_backward(grad_y, x, route, weight, bias, mean, invstd, count, training
     return grad_x, like(weight, output_mask[1]), like(bias, output_mask[2])
 
 
+def _fake_add_forward(x, residual, route, *args):
+    return _fake_forward(x, route, *args)
+
+
+def _fake_add_backward(grad_y, y, x, route, weight, bias, mean, invstd, count, training, routed_stats,
+                       output_mask):
+    gx, gw, gb = _fake_backward(grad_y, x, route, weight, bias, mean, invstd, count, training, routed_stats,
+                                [output_mask[0], output_mask[2], output_mask[3]])
+    return gx, empty_output(x) if output_mask[1] else x.new_empty(0), gw, gb
+
+
 def _fake_channel_stats(x, route, routed_stats, all_channels):
     return _per_channel(x), _per_channel(x), _per_channel(x)
 
@@ -108,6 +137,8 @@ _FAKES = {
     "normalize_relu_route": lambda x, *a: empty_output(x),
     "backward_reduce": _fake_backward_reduce,
     "backward_apply": lambda grad_y, x, *a: empty_output(x),
+    "bn_add_relu_route": _fake_add_forward,
+    "bn_add_relu_route_backward": _fake_add_backward,
 }
 
 
@@ -139,11 +170,38 @@ def _make_autograd(backward_op):
     return backward, setup_context
 
 
+def _make_add_autograd(backward_op):
+    def setup_context(ctx, inputs, output):
+        x, _, route, weight, bias, _, _, training, eps, routed_stats, _ = inputs
+        y, mean, invstd, _, count = output
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(y, x, route, weight, bias, mean, invstd, count)  # y: the gate; no residual
+        ctx.training, ctx.eps, ctx.routed_stats = training, eps, routed_stats
+
+    def backward(ctx, grad_y, *unused):
+        y, x, route, weight, bias, mean, invstd, count = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], weight is not None and need[3], bias is not None and need[4]]
+        if not any(mask) or grad_y is None:
+            return (None,) * 11
+        if torch.is_grad_enabled():  # create_graph
+            grads = torch.ops.taskrouting.bn_add_relu_route_backward_differentiable(
+                grad_y, y, x, route, weight, bias, mean, invstd, ctx.training, ctx.eps, ctx.routed_stats, mask)
+        else:
+            grads = backward_op(grad_y, y, x, route, weight, bias, mean, invstd, count, ctx.training,
+                                ctx.routed_stats, mask)
+        gx, gr, gw, gb = (g if m else None for g, m in zip(grads, mask))
+        return (gx, gr, None, gw, gb, None, None, None, None, None, None)
+
+    return backward, setup_context
+
+
 _LIB = torch.library.Library("taskrouting", "FRAGMENT")  # noqa: TOR901
 
 
 def _define_family(prefix: str) -> None:
-    for name, schema in SCHEMAS.items():
+    for name, schema in {**SCHEMAS, **ADD_SCHEMAS}.items():
         _LIB.define(prefix + name + schema)
         torch.library.register_fake(f"taskrouting::{prefix}{name}", _FAKES[name], lib=_LIB)
 
@@ -151,6 +209,10 @@ def _define_family(prefix: str) -> None:
 def _register_autograd(prefix: str) -> None:
     """The Python autograd of a family, unless the compiled extension registered one in C++
     (``csrc/bn_relu_route_autograd.cpp``, the same wiring without ~30 µs of Python a call)."""
+    add_backward = getattr(torch.ops.taskrouting, prefix + "bn_add_relu_route_backward").default
+    backward, setup_context = _make_add_autograd(add_backward)
+    torch.library.register_autograd(f"taskrouting::{prefix}bn_add_relu_route", backward,
+                                    setup_context=setup_context, lib=_LIB)
     name = f"taskrouting::{prefix}bn_relu_route"
     if torch._C._dispatch_has_kernel_for_dispatch_key(name, "Autograd"):
         return
@@ -164,6 +226,9 @@ for _prefix in FAMILIES.values():
 _LIB.define(UPDATE_SCHEMA)
 _LIB.define(DIFFERENTIABLE_BACKWARD_SCHEMA)
 _LIB.impl("bn_relu_route_backward_differentiable", bn_relu_route_backward_reference, "CompositeImplicitAutograd")
+_LIB.define(ADD_DIFFERENTIABLE_BACKWARD_SCHEMA)
+_LIB.impl("bn_add_relu_route_backward_differentiable", bn_add_relu_route_backward_reference,
+          "CompositeImplicitAutograd")
 _LIB.define(TASK_UPDATE_SCHEMA)
 torch.library.register_fake("taskrouting::update_running_stats", lambda *args: None, lib=_LIB)
 torch.library.register_fake("taskrouting::update_task_running_stats", lambda *args: None, lib=_LIB)
@@ -177,4 +242,6 @@ NATIVE_KERNELS = {device_type: extension.has_kernel("bn_relu_route", torch.devic
 NATIVE_UPDATE = {device_type: extension.has_kernel("update_running_stats", torch.device(device_type))
                  for device_type in ("cpu", "cuda")}
 NATIVE_TASK_UPDATE = {device_type: extension.has_kernel("update_task_running_stats", torch.device(device_type))
+                      for device_type in ("cpu", "cuda")}
+NATIVE_ADD_KERNELS = {device_type: extension.has_kernel("bn_add_relu_route", torch.device(device_type))
                       for device_type in ("cpu", "cuda")}

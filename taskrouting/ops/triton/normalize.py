@@ -1,15 +1,20 @@
 """Forward apply: ``y = relu((x - mean) * invstd * w + b) * route``, and the one-pass fused forward.
 
-Tiling and layouts: see ``stats.py``. Where a sample is not routed through a channel, ``x`` is
-not read (masked load) and ``y`` is written 0, so a channel masked for the whole batch is only
-written. ``tl.where`` (not a multiply) selects the output, so NaN/inf in skipped data or in the
-statistics of skipped channels never reach ``y``.
+``HAS_RESIDUAL`` (``bn_add_relu_route``, a ResNet block's tail): ``y = relu(x * scale + shift +
+residual) * route``, the residual added in fp32 before the ReLU and rounded once; off, the kernels
+are ``bn_relu_route``'s (the flag is a constexpr: no residual code is compiled).
+
+Tiling and layouts: see ``stats.py``. Where a sample is not routed through a channel, ``x`` and
+the residual are not read (masked loads) and ``y`` is written 0, so a channel masked for the whole
+batch is only written. ``tl.where`` (not a multiply) selects the output, so NaN/inf in skipped data
+or in the statistics of skipped channels never reach ``y``.
 
 Bytes moved:
-* ``normalize_kernel``: reads routed ``x`` once, writes ``y`` once (+ the per-channel
-  statistics: given, merged from ``3·P·C`` partials, or read from the running stats);
-* ``fused_forward_kernel``: reads ``x`` once, writes ``y`` once and ``4·C`` floats of
-  statistics; the whole channel block stays in registers between the reduction and the apply.
+* ``normalize_kernel``: reads routed ``x`` (and residual) once, writes ``y`` once (+ the
+  per-channel statistics: given, merged from ``3·P·C`` partials, or read from the running stats);
+* ``fused_forward_kernel``: reads ``x`` (and the routed residual) once, writes ``y`` once and
+  ``4·C`` floats of statistics; the whole channel block stays in registers between the
+  reduction and the apply.
 """
 from __future__ import annotations
 
@@ -21,11 +26,11 @@ from .stats import MAX, load_channel, load_route, merge_stats_partials, relu_kee
 
 @triton.jit
 def normalize_kernel(
-        x_ptr, route_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, var_ptr, count_ptr,
+        x_ptr, res_ptr, route_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, var_ptr, count_ptr,
         src1_ptr, src2_ptr,
         N, C, HW, route_sn, Tp, T, TPC, P_STATS, eps,
         CL: tl.constexpr, ROUTE_2D: tl.constexpr, STATS: tl.constexpr,
-        HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+        HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
         BN: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, BIG: tl.constexpr,
         BLOCK_PP: tl.constexpr):
     """Grid ``(cdiv(C, BC), P)``: program ``(cb, j)`` writes ``y`` for its chunk of tiles.
@@ -69,17 +74,21 @@ def normalize_kernel(
         off, valid, n3, c3 = tile_offsets(t, Tp, N, C, HW, c0, CL, BN, BP, BC, BIG)
         m = valid & load_route(route_ptr, route_sn, n3, c3, N, C, ROUTE_2D)
         xv = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
-        yv = relu_keep_nan((xv - mean3) * scale3 + b3)
+        pre = (xv - mean3) * scale3 + b3
+        if HAS_RESIDUAL:
+            pre += tl.load(res_ptr + off, mask=m, other=0.0).to(tl.float32)
+        yv = relu_keep_nan(pre)
         tl.store(y_ptr + off, tl.where(m, yv, 0.0), mask=valid)
         t += 1
 
 
 @triton.jit
 def fused_forward_kernel(
-        x_ptr, route_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, var_ptr, count_ptr,
+        x_ptr, res_ptr, route_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, var_ptr, count_ptr,
         N, C, HW, route_sn, eps,
         CL: tl.constexpr, ROUTE_2D: tl.constexpr, ROUTED: tl.constexpr,
         SKIP_UNUSED: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
         BN: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, BIG: tl.constexpr):
     """Grid ``(cdiv(C, BC),)``, one tile ``[BN >= N, BP >= HW, BC]`` per program: batch
     statistics (exact two-pass in registers) and ``y`` of a whole channel block in one pass.
@@ -114,5 +123,8 @@ def fused_forward_kernel(
     tl.store(count_ptr + c, cnt, mask=cmask)
     w = load_channel(w_ptr, c, cmask, 1.0, HAS_W, BC)
     b = load_channel(b_ptr, c, cmask, 0.0, HAS_B, BC)
-    yv = relu_keep_nan(d * (invstd * w)[None, None, :] + b[None, None, :])
+    pre = d * (invstd * w)[None, None, :] + b[None, None, :]
+    if HAS_RESIDUAL:
+        pre += tl.load(res_ptr + off, mask=valid & r, other=0.0).to(tl.float32)
+    yv = relu_keep_nan(pre)
     tl.store(y_ptr + off, tl.where(valid & r, yv, 0.0), mask=valid)

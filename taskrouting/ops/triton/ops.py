@@ -32,6 +32,14 @@ for the zeros of y / grad_x, written): one-pass forward 1 read + 1 write, split 
 backward 4 reads + 1 write, eval backward 2 + 1. Per-channel statistics and partials are
 ``O(P·C)`` floats.
 
+``bn_add_relu_route`` runs the same launches with the residual added in the apply
+(``HAS_RESIDUAL``) and a backward gated on the saved ``y`` (``GATE_Y``) that also writes
+``grad_residual``: forward one-pass 2 reads (x, residual) + 1 write, split 3 + 1, eval 2 + 1;
+backward one-pass 3 reads (x, grad_y, y) + 2 writes; split training: the reduce pass reads x,
+grad_y, y and writes ``grad_residual = g``, the apply pass reads x and that g (``GATE_GIVEN``,
+when grad_y has x's dtype, so g reads back exactly) and writes grad_x: 5 reads + 2 writes; eval
+3 + 2 with weight / bias grads, else 2 + 2 (x is not read); ``grad_residual`` alone 2 + 1.
+
 The ``Config`` objects (``COMPILED``, ``INTERPRETED``) may be changed at run time, e.g. by the
 tests to force the split path with several chunks.
 """
@@ -47,6 +55,8 @@ import triton  # noqa: F401  (an ImportError here: the backend is unavailable)
 
 from ..layout import kernel_input
 from . import kernels
+
+GATE_PRE, GATE_Y, GATE_GIVEN = 0, 1, 2  # backward.py's GATE: pre-activation, saved y, g given
 
 __all__ = ["Config", "COMPILED", "INTERPRETED", "config_for"]
 
@@ -138,6 +148,7 @@ class _Problem:
             raise TypeError(f"{op}: the Triton kernels take float32, float16 or bfloat16 x, got {x.dtype}")
         if x.device.type not in ("cpu", "cuda"):
             raise ValueError(f"{op}: x must be a cuda tensor (or cpu, interpreted), got {x.device}")
+        self.op = op
         self.device = x.device
         self.N, self.C = int(x.shape[0]), int(x.shape[1])
         self.HW = math.prod(int(s) for s in x.shape[2:])
@@ -178,14 +189,23 @@ class _Problem:
             raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
         return t.contiguous()
 
-    def like_x(self, other: torch.Tensor, name: str) -> torch.Tensor:
-        """``other`` (same shape as x) in x's kernel layout, copied only if needed."""
-        if not isinstance(other, torch.Tensor) or tuple(other.shape) != tuple(self.x.shape):
-            raise ValueError(f"{name} must have x's shape {tuple(self.x.shape)}")
+    def check_like_x(self, other, name: str, same_dtype: bool = False) -> None:
+        """``other`` has x's shape and device (and dtype, if ``same_dtype``)."""
+        if not isinstance(other, torch.Tensor):
+            raise TypeError(f"{self.op}: {name} must be a Tensor, got {type(other).__name__}")
+        if tuple(other.shape) != tuple(self.x.shape):
+            raise ValueError(f"{self.op}: {name} must have x's shape {tuple(self.x.shape)}, "
+                             f"got {tuple(other.shape)}")
         if other.device != self.device:
-            raise ValueError(f"{name} is on {other.device} but x is on {self.device}")
+            raise ValueError(f"{self.op}: {name} is on {other.device} but x is on {self.device}")
+        if same_dtype and other.dtype != self.x.dtype:
+            raise TypeError(f"{self.op}: {name} must have x's dtype {self.x.dtype}, got {other.dtype}")
         if other.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {other.dtype}")
+            raise TypeError(f"{self.op}: {name} must be float32, float16 or bfloat16, got {other.dtype}")
+
+    def like_x(self, other: torch.Tensor, name: str, same_dtype: bool = False) -> torch.Tensor:
+        """``other`` (same shape as x) in x's kernel layout, copied only if needed."""
+        self.check_like_x(other, name, same_dtype)
         if _in_layout(other, self.cl):
             return other
         return torch.empty_like(self.xk, dtype=other.dtype).copy_(other)
@@ -272,6 +292,23 @@ def bn_relu_route(x, route, weight, bias, running_mean, running_var, training, e
                   stats_all_channels):
     """``relu(batch_norm(x)) * route`` and the statistics ``(mean, invstd, var, count)``."""
     p = _Problem(x, route, "triton_bn_relu_route")
+    return _forward(p, None, weight, bias, running_mean, running_var, training, eps, routed_stats,
+                    stats_all_channels)
+
+
+def bn_add_relu_route(x, residual, route, weight, bias, running_mean, running_var, training, eps,
+                      routed_stats, stats_all_channels):
+    """``relu(batch_norm(x) + residual) * route`` and the statistics ``(mean, invstd, var, count)``;
+    the residual is read only where routed."""
+    p = _Problem(x, route, "triton_bn_add_relu_route")
+    residual = p.like_x(residual, "residual", same_dtype=True)
+    return _forward(p, residual, weight, bias, running_mean, running_var, training, eps, routed_stats,
+                    stats_all_channels)
+
+
+def _forward(p: _Problem, residual, weight, bias, running_mean, running_var, training, eps,
+             routed_stats, stats_all_channels):
+    """The forward of both ops: ``residual`` (in x's kernel layout) or None."""
     weight, bias = p.param(weight, "weight"), p.param(bias, "bias")
     running_mean, running_var = p.param(running_mean, "running_mean"), p.param(running_var, "running_var")
     C, dev = p.C, p.device
@@ -283,7 +320,7 @@ def bn_relu_route(x, route, weight, bias, running_mean, running_var, training, e
         count = torch.empty(C, dtype=_F32, device=dev)
     else:
         if running_mean is None or running_var is None:
-            raise ValueError("triton_bn_relu_route: training=False needs running_mean and running_var")
+            raise ValueError(f"{p.op}: training=False needs running_mean and running_var")
         var = torch.empty(0, dtype=_F32, device=dev)
         count = torch.empty(0, dtype=_F32, device=dev)
     y = p.output()
@@ -298,13 +335,15 @@ def bn_relu_route(x, route, weight, bias, running_mean, running_var, training, e
         return y, mean, invstd, var, count
     w = weight if weight is not None else mean
     b = bias if bias is not None else mean
-    affine = dict(HAS_W=weight is not None, HAS_B=bias is not None)
+    affine = dict(HAS_W=weight is not None, HAS_B=bias is not None,
+                  HAS_RESIDUAL=residual is not None)
+    res = residual if residual is not None else p.xk
     if training:
         skip = not routed_stats and not stats_all_channels
         plan = p.fused_plan()
         if plan is not None:
             p.launch(p.k.normalize.fused_forward_kernel, (plan.CB,),
-                     p.xk, p.route, y, w, b, mean, invstd, var, count,
+                     p.xk, res, p.route, y, w, b, mean, invstd, var, count,
                      p.N, C, p.HW, p.route_sn, eps,
                      ROUTED=routed_stats, SKIP_UNUSED=skip, **affine, **p.geometry(plan))
         else:
@@ -312,7 +351,7 @@ def bn_relu_route(x, route, weight, bias, running_mean, running_var, training, e
             ws = _stats_into(p, plan, skip or (routed_stats and not p.route_2d), routed_stats,
                              mean, var, count, invstd, eps, dummy=mean)
             p.launch(p.k.normalize.normalize_kernel, (plan.CB, plan.P),
-                     p.xk, p.route, y, w, b, mean, invstd, var, count,
+                     p.xk, res, p.route, y, w, b, mean, invstd, var, count,
                      ws if ws is not None else mean, mean,
                      p.N, C, p.HW, p.route_sn, plan.Tp, plan.T, plan.TPC, plan.P, eps,
                      STATS=0 if ws is None else 1, BLOCK_PP=plan.block_pp, **affine,
@@ -320,7 +359,7 @@ def bn_relu_route(x, route, weight, bias, running_mean, running_var, training, e
     else:
         plan = p.split_plan()
         p.launch(p.k.normalize.normalize_kernel, (plan.CB, plan.P),
-                 p.xk, p.route, y, w, b, mean, invstd, mean, mean, running_mean, running_var,
+                 p.xk, res, p.route, y, w, b, mean, invstd, mean, mean, running_mean, running_var,
                  p.N, C, p.HW, p.route_sn, plan.Tp, plan.T, plan.TPC, 1, eps,
                  STATS=2, BLOCK_PP=1, **affine, **p.geometry(plan))
     return y, mean, invstd, var, count
@@ -357,98 +396,167 @@ def normalize_relu_route(x, route, mean, invstd, weight, bias):
         return y
     plan = p.split_plan()
     p.launch(p.k.normalize.normalize_kernel, (plan.CB, plan.P),
-             p.xk, p.route, y, weight if weight is not None else mean,
+             p.xk, p.xk, p.route, y, weight if weight is not None else mean,
              bias if bias is not None else mean, mean, invstd, mean, mean, mean, mean,
              p.N, p.C, p.HW, p.route_sn, plan.Tp, plan.T, plan.TPC, 1, 0.0,
-             STATS=0, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_PP=1,
+             STATS=0, HAS_W=weight is not None, HAS_B=bias is not None, HAS_RESIDUAL=False, BLOCK_PP=1,
              **p.geometry(plan))
     return y
 
 
 # ----------------------------------------------------------------------------- backward
-def _reduce_into(p, plan, dyk, mean, invstd, w, b, affine, sums, gw, gb, gx, write_sums,
-                 write_gw, write_gb, eval_gx):
+@dataclass
+class _Backward:
+    """The tensors of one backward call in x's kernel layout. ``y`` is the gate of ``GATE_Y``
+    (else unused); an output not asked for, or an absent weight / bias / count, is ``mean``
+    (never written or read: its flag is off)."""
+    p: _Problem
+    dy: torch.Tensor
+    y: torch.Tensor
+    gate: int
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    w: torch.Tensor
+    b: torch.Tensor
+    affine: dict
+    cnt: torch.Tensor
+    gx: torch.Tensor
+    gr: torch.Tensor
+    gw: torch.Tensor
+    gb: torch.Tensor
+
+    @classmethod
+    def of(cls, p, dyk, yk, mean, invstd, weight, bias, count=None, gx=None, gr=None, gw=None, gb=None):
+        def ptr(t):
+            return t if t is not None else mean
+        return cls(p, dyk, ptr(yk), GATE_PRE if yk is None else GATE_Y, mean, invstd, ptr(weight),
+                   ptr(bias), dict(HAS_W=weight is not None, HAS_B=bias is not None), ptr(count),
+                   ptr(gx), ptr(gr), ptr(gw), ptr(gb))
+
+
+def _reduce_into(bw: _Backward, plan, sums, write_sums, write_gw, write_gb, eval_gx, write_gr=False):
     """Launch the backward reduction; returns the workspace (P > 1) or None (written final)."""
+    p = bw.p
     final = plan.P == 1
-    ws = mean if final else torch.empty(2 * plan.P * p.C, dtype=_F32, device=p.device)
+    ws = bw.mean if final else torch.empty(2 * plan.P * p.C, dtype=_F32, device=p.device)
     p.launch(p.k.backward.backward_reduce_kernel, (plan.CB, plan.P),
-             dyk, p.xk, p.route, mean, invstd, w, b, ws, sums[0], sums[1], gw, gb, gx,
+             bw.dy, bw.y, p.xk, p.route, bw.mean, bw.invstd, bw.w, bw.b, ws, sums[0], sums[1],
+             bw.gw, bw.gb, bw.gx, bw.gr,
              p.N, p.C, p.HW, p.route_sn, plan.Tp, plan.T, plan.TPC, plan.P,
              FINAL=final, WRITE_SUMS=write_sums, WRITE_GW=write_gw, WRITE_GB=write_gb,
-             EVAL_GX=eval_gx, **affine, **p.geometry(plan))
+             EVAL_GX=eval_gx, GATE=bw.gate, WRITE_GR=write_gr, **bw.affine, **p.geometry(plan))
     return None if final else ws
 
 
-def _finalize_sums(p, plan, ws, invstd, sums, gw, gb, write_sums, write_gw, write_gb):
-    p.launch(p.k.backward.backward_finalize_kernel, (plan.CB,), ws, invstd, sums[0], sums[1], gw, gb,
-             plan.P, p.C, WRITE_SUMS=write_sums, WRITE_GW=write_gw, WRITE_GB=write_gb,
+def _finalize_sums(bw: _Backward, plan, ws, sums, write_sums, write_gw, write_gb):
+    p = bw.p
+    p.launch(p.k.backward.backward_finalize_kernel, (plan.CB,), ws, bw.invstd, sums[0], sums[1],
+             bw.gw, bw.gb, plan.P, p.C, WRITE_SUMS=write_sums, WRITE_GW=write_gw, WRITE_GB=write_gb,
              BC=plan.BC, BLOCK_PP=plan.block_pp, num_warps=4)
+
+
+def _apply(bw: _Backward, plan, sums, ws, training, routed, sums_mode, write_gw=False,
+           write_gb=False, write_gx=True, write_gr=False, given_g=False):
+    """Launch the apply pass. ``given_g``: ``grad_residual`` already holds g (the reduce pass
+    wrote it): read it instead of grad_y and the gate."""
+    p = bw.p
+    dy, gate = (bw.gr, GATE_GIVEN) if given_g else (bw.dy, bw.gate)
+    p.launch(p.k.backward.backward_apply_kernel, (plan.CB, plan.P),
+             dy, bw.y, p.xk, p.route, bw.mean, bw.invstd, bw.w, bw.b, sums[0], sums[1], bw.cnt,
+             ws if ws is not None else bw.mean, bw.gx, bw.gw, bw.gb, bw.gr,
+             p.N, p.C, p.HW, p.route_sn, plan.Tp, plan.T, plan.TPC, plan.P,
+             TRAINING=training, ROUTED=routed, SUMS=sums_mode, WRITE_GW=write_gw,
+             WRITE_GB=write_gb, GATE=gate, WRITE_GX=write_gx, WRITE_GR=write_gr,
+             BLOCK_PP=plan.block_pp, **bw.affine, **p.geometry(plan))
 
 
 def bn_relu_route_backward(grad_y, x, route, weight, bias, mean, invstd, count, training,
                            routed_stats, output_mask):
     """``(grad_x, grad_weight, grad_bias)``; outputs not in ``output_mask`` are empty [0]."""
     p = _Problem(x, route, "triton_bn_relu_route_backward")
+    need_gx, need_gw, need_gb = (bool(m) for m in output_mask)
+    gx, _, gw, gb = _backward(p, grad_y, None, weight, bias, mean, invstd, count, training,
+                              routed_stats, (need_gx, False, need_gw, need_gb))
+    return gx, gw, gb
+
+
+def bn_add_relu_route_backward(grad_y, y, x, route, weight, bias, mean, invstd, count, training,
+                               routed_stats, output_mask):
+    """``(grad_x, grad_residual, grad_weight, grad_bias)`` gated on the saved output ``y``;
+    outputs not in ``output_mask`` are empty [0]."""
+    p = _Problem(x, route, "triton_bn_add_relu_route_backward")
+    p.check_like_x(grad_y, "grad_y")
+    p.check_like_x(y, "y", same_dtype=True)
+    return _backward(p, grad_y, y, weight, bias, mean, invstd, count, training, routed_stats,
+                     tuple(bool(m) for m in output_mask))
+
+
+def _backward(p: _Problem, grad_y, y, weight, bias, mean, invstd, count, training, routed_stats,
+              need):
+    """The backward of both ops (``y``: the gate of bn_add_relu_route, or None): returns
+    ``(grad_x, grad_residual, grad_weight, grad_bias)`` as ``need`` asks, the others empty [0]."""
     weight, bias = p.param(weight, "weight"), p.param(bias, "bias")
     mean, invstd = p.param(mean, "mean"), p.param(invstd, "invstd")
     if training:
         count = p.param(count, "count")
-    need_gx, need_gw, need_gb = (bool(m) for m in output_mask)
+    need_gx, need_gr, need_gw, need_gb = need
     need_gw = need_gw and weight is not None
     need_gb = need_gb and bias is not None
-    gx_out = p.output() if need_gx else x.new_empty(0)
+    x = p.x
+    gx = p.output() if need_gx else x.new_empty(0)
+    gr = p.output() if need_gr else x.new_empty(0)
     gw = torch.empty_like(weight) if need_gw else x.new_empty(0)
     gb = torch.empty_like(bias) if need_gb else x.new_empty(0)
-    if p.empty or not (need_gx or need_gw or need_gb):
+    if p.empty or not (need_gx or need_gr or need_gw or need_gb):
         gw.zero_()
         gb.zero_()
-        return gx_out, gw, gb
+        return gx, gr, gw, gb
     dyk = p.like_x(grad_y, "grad_y")
-    w = weight if weight is not None else mean
-    b = bias if bias is not None else mean
-    cnt = count if training else mean
-    affine = dict(HAS_W=weight is not None, HAS_B=bias is not None)
-    gx = gx_out if need_gx else mean
-    gwp = gw if need_gw else mean
-    gbp = gb if need_gb else mean
+    yk = p.like_x(y, "y", same_dtype=True) if y is not None else None
+    bw = _Backward.of(p, dyk, yk, mean, invstd, weight, bias, count if training else None,
+                      gx if need_gx else None, gr if need_gr else None, gw if need_gw else None,
+                      gb if need_gb else None)
+    _launch_backward(bw, bool(training), bool(routed_stats), need_gx, need_gr, need_gw, need_gb)
+    return gx, gr, gw, gb
+
+
+def _launch_backward(bw: _Backward, training, routed, need_gx, need_gr, need_gw, need_gb):
+    p = bw.p
+    if not (need_gx or need_gw or need_gb):  # grad_residual alone is g: no reduction, no x
+        _apply(bw, p.split_plan(), (bw.mean, bw.mean), None, training=False, routed=routed,
+               sums_mode=2, write_gx=False, write_gr=True)
+        return
     plan = p.fused_plan()
     if plan is not None:
         p.launch(p.k.backward.fused_backward_kernel, (plan.CB,),
-                 dyk, p.xk, p.route, mean, invstd, w, b, cnt, gx, gwp, gbp,
+                 bw.dy, bw.y, p.xk, p.route, bw.mean, bw.invstd, bw.w, bw.b, bw.cnt,
+                 bw.gx, bw.gw, bw.gb, bw.gr,
                  p.N, p.C, p.HW, p.route_sn,
-                 TRAINING=bool(training), ROUTED=bool(routed_stats), WRITE_GX=need_gx,
-                 WRITE_GW=need_gw, WRITE_GB=need_gb, **affine, **p.geometry(plan))
-    else:
-        plan = p.split_plan()
-        if not training and not (need_gw or need_gb):
-            _apply(p, plan, dyk, mean, invstd, w, b, (mean, mean), cnt, None, gx, gwp, gbp, affine,
-                   training=False, routed=bool(routed_stats), sums_mode=2, write_gw=False,
-                   write_gb=False)
-        else:
-            apply_after = bool(training) and need_gx
-            sums = (torch.empty(2, p.C, dtype=_F32, device=p.device) if apply_after and plan.P == 1
-                    else None)
-            sums_pair = (sums[0], sums[1]) if sums is not None else (mean, mean)
-            ws = _reduce_into(p, plan, dyk, mean, invstd, w, b, affine, sums_pair, gwp, gbp, gx,
-                              write_sums=sums is not None, write_gw=need_gw, write_gb=need_gb,
-                              eval_gx=not training and need_gx)
-            if apply_after:
-                _apply(p, plan, dyk, mean, invstd, w, b, sums_pair, cnt, ws, gx, gwp, gbp, affine,
-                       training=True, routed=bool(routed_stats), sums_mode=0 if ws is None else 1,
-                       write_gw=need_gw and ws is not None, write_gb=need_gb and ws is not None)
-            elif ws is not None:
-                _finalize_sums(p, plan, ws, invstd, (mean, mean), gwp, gbp, False, need_gw, need_gb)
-    return gx_out, gw, gb
-
-
-def _apply(p, plan, dyk, mean, invstd, w, b, sums, cnt, ws, gx, gw, gb, affine, training, routed,
-           sums_mode, write_gw, write_gb):
-    p.launch(p.k.backward.backward_apply_kernel, (plan.CB, plan.P),
-             dyk, p.xk, p.route, mean, invstd, w, b, sums[0], sums[1], cnt,
-             ws if ws is not None else mean, gx, gw, gb,
-             p.N, p.C, p.HW, p.route_sn, plan.Tp, plan.T, plan.TPC, plan.P,
-             TRAINING=training, ROUTED=routed, SUMS=sums_mode, WRITE_GW=write_gw,
-             WRITE_GB=write_gb, BLOCK_PP=plan.block_pp, **affine, **p.geometry(plan))
+                 TRAINING=training, ROUTED=routed, WRITE_GX=need_gx, WRITE_GW=need_gw,
+                 WRITE_GB=need_gb, GATE=bw.gate, WRITE_GR=need_gr, **bw.affine, **p.geometry(plan))
+        return
+    plan = p.split_plan()
+    if not training and not (need_gw or need_gb):
+        _apply(bw, plan, (bw.mean, bw.mean), None, training=False, routed=routed, sums_mode=2,
+               write_gx=need_gx, write_gr=need_gr)
+        return
+    apply_after = training and need_gx
+    # g is written by the reduce pass when the apply pass can read it back exactly (x's dtype is
+    # grad_y's): the apply pass then reads one tensor instead of grad_y and y
+    given_g = apply_after and need_gr and bw.dy.dtype == p.x.dtype
+    sums = (torch.empty(2, p.C, dtype=_F32, device=p.device) if apply_after and plan.P == 1
+            else None)
+    sums_pair = (sums[0], sums[1]) if sums is not None else (bw.mean, bw.mean)
+    ws = _reduce_into(bw, plan, sums_pair, write_sums=sums is not None, write_gw=need_gw,
+                      write_gb=need_gb, eval_gx=not training and need_gx,
+                      write_gr=need_gr and (given_g or not apply_after))
+    if apply_after:
+        _apply(bw, plan, sums_pair, ws, training=True, routed=routed,
+               sums_mode=0 if ws is None else 1, write_gw=need_gw and ws is not None,
+               write_gb=need_gb and ws is not None, write_gr=need_gr and not given_g,
+               given_g=given_g)
+    elif ws is not None:
+        _finalize_sums(bw, plan, ws, (bw.mean, bw.mean), False, need_gw, need_gb)
 
 
 def backward_reduce(grad_y, x, route, mean, invstd, weight, bias):
@@ -460,15 +568,12 @@ def backward_reduce(grad_y, x, route, mean, invstd, weight, bias):
     sum_dy_xmu = torch.zeros(p.C, dtype=_F32, device=p.device)
     if p.empty:
         return sum_dy, sum_dy_xmu
-    dyk = p.like_x(grad_y, "grad_y")
-    affine = dict(HAS_W=weight is not None, HAS_B=bias is not None)
+    bw = _Backward.of(p, p.like_x(grad_y, "grad_y"), None, mean, invstd, weight, bias)
     plan = p.split_plan()
-    w = weight if weight is not None else mean
-    b = bias if bias is not None else mean
-    ws = _reduce_into(p, plan, dyk, mean, invstd, w, b, affine, (sum_dy, sum_dy_xmu), mean, mean,
-                      mean, write_sums=True, write_gw=False, write_gb=False, eval_gx=False)
+    ws = _reduce_into(bw, plan, (sum_dy, sum_dy_xmu), write_sums=True, write_gw=False,
+                      write_gb=False, eval_gx=False)
     if ws is not None:
-        _finalize_sums(p, plan, ws, invstd, (sum_dy, sum_dy_xmu), mean, mean, True, False, False)
+        _finalize_sums(bw, plan, ws, (sum_dy, sum_dy_xmu), True, False, False)
     return sum_dy, sum_dy_xmu
 
 
@@ -484,18 +589,14 @@ def backward_apply(grad_y, x, route, mean, invstd, weight, bias, sum_dy, sum_dy_
     gx_out = p.output()
     if p.empty:
         return gx_out
-    dyk = p.like_x(grad_y, "grad_y")
+    bw = _Backward.of(p, p.like_x(grad_y, "grad_y"), None, mean, invstd, weight, bias,
+                      count if training else None, gx_out)
     plan = p.split_plan()
-    w = weight if weight is not None else mean
-    b = bias if bias is not None else mean
-    affine = dict(HAS_W=weight is not None, HAS_B=bias is not None)
     if training:
-        _apply(p, plan, dyk, mean, invstd, w, b, (sum_dy, sum_dy_xmu), count, None, gx_out, mean, mean,
-               affine, training=True, routed=bool(routed_stats), sums_mode=0, write_gw=False,
-               write_gb=False)
+        _apply(bw, plan, (sum_dy, sum_dy_xmu), None, training=True, routed=bool(routed_stats),
+               sums_mode=0)
     else:
-        _apply(p, plan, dyk, mean, invstd, w, b, (mean, mean), mean, None, gx_out, mean, mean, affine,
-               training=False, routed=bool(routed_stats), sums_mode=2, write_gw=False, write_gb=False)
+        _apply(bw, plan, (mean, mean), None, training=False, routed=bool(routed_stats), sums_mode=2)
     return gx_out
 
 
@@ -503,6 +604,8 @@ def backward_apply(grad_y, x, route, mean, invstd, weight, bias, sum_dy, sum_dy_
 _IMPLS = {
     "bn_relu_route": bn_relu_route,
     "bn_relu_route_backward": bn_relu_route_backward,
+    "bn_add_relu_route": bn_add_relu_route,
+    "bn_add_relu_route_backward": bn_add_relu_route_backward,
     "channel_stats": channel_stats,
     "normalize_relu_route": normalize_relu_route,
     "backward_reduce": backward_reduce,
