@@ -2,10 +2,12 @@
 reference (``compare``), shrink shapes for the Triton interpreter (``fit``), opcheck cases of an op family."""
 from __future__ import annotations
 
+import collections
 import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from taskrouting import ops
 from taskrouting.ops import reference as R
@@ -261,3 +263,15 @@ def check_large_tensor(x, forward, backward, channels_last, chunk=2 ** 28):
                         [True, False, False])
     expect = ((tail_x - mean[chan]) > 0).float() * invstd[chan] * route[chan]
     torch.testing.assert_close(memory_tail(gx), expect, atol=3e-2, rtol=2e-2)
+
+
+class Dispatches(TorchDispatchMode):
+    """The ATen / taskrouting ops a region dispatches, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))

@@ -12,10 +12,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from op_cases import compare, fit, fit_all, make_case, pick, run
+from op_cases import Dispatches, compare, fit, fit_all, make_case, pick, run
 from torch import nn
 
 from taskrouting import BNAddReLURoute2d, BNReLURoute2d, TaskRouter, make_masks, ops
+from taskrouting.ops.schemas import FAMILIES
 
 SHAPES = [(4, 6, 5, 7), (3, 5), (6, 3, 11), (2, 4, 3, 3, 2), (5, 70, 3, 3), (9, 1, 4, 4), (8, 5, 1, 1),
           (1, 3, 17, 19), (2, 16, 8, 8), (7, 24), (2, 9, 1, 33)]
@@ -422,3 +423,23 @@ def test_random_shapes(backend, device, n, c, spatial, channels_last, per_sample
     case = make_case(shape, dtype=torch.float64, channels_last=channels_last, per_sample=per_sample, seed=seed,
                      num_tasks=min(c, 4), sharing_ratio=sigma, device=device, residual=True)
     compare(backend, case, training, stats)
+
+
+def test_one_dispatch_forward_and_backward_and_no_zero_fills(backend, target):
+    """A training step of the layer: forward = the fused op, the running-stat update and the batch count (plus
+    views: the mask row, and the saved output y's detached alias); backward = the fused backward alone, with no
+    zero tensors for the statistics outputs."""
+    layer = BNAddReLURoute2d(8, num_tasks=3, seed=0, backend=backend).to(target.device)
+    x = torch.randn(4, 8, 5, 5, device=target.device, requires_grad=True)
+    r = torch.randn(4, 8, 5, 5, device=target.device, requires_grad=True)
+    with Dispatches() as forward:
+        y = layer(x, r, task=1)
+    with Dispatches() as backward:
+        y.backward(torch.ones_like(y))
+    prefix = FAMILIES[ops.BACKENDS[backend].family]
+    assert forward.ops[f"{prefix}bn_add_relu_route"] == 1 and forward.ops["update_running_stats"] == 1
+    kernels = {name for name in forward.ops if name not in ("select", "detach")}
+    assert kernels == {f"{prefix}bn_add_relu_route", "update_running_stats", "add_"}, forward.ops
+    assert backward.ops[f"{prefix}bn_add_relu_route_backward"] == 1
+    fills = {name: n for name, n in backward.ops.items() if name in ("zeros", "zero_", "fill_", "zeros_like")}
+    assert not fills, backward.ops

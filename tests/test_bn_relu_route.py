@@ -6,7 +6,6 @@ fused op, every op of the backend's family against the CPU op, masked channels n
 Under the Triton interpreter shapes are shrunk (op_cases.fit). Backend-specific tests live beside this file:
 test_cpu_kernels.py, test_cuda_kernels.py, test_triton_kernels.py.
 """
-import collections
 import copy
 import itertools
 import math
@@ -15,8 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from op_cases import compare, fit, fit_all, make_case, opcheck_cases, pick, run
-from torch.utils._python_dispatch import TorchDispatchMode
+from op_cases import Dispatches, compare, fit, fit_all, make_case, opcheck_cases, pick, run
 
 from taskrouting import BNReLURoute2d, TaskRouter, make_masks, ops
 from taskrouting.ops.schemas import FAMILIES
@@ -252,18 +250,6 @@ def test_sliced_input_and_expanded_grad(backend, device):
         torch.testing.assert_close(outs[backend], outs["reference"], rtol=2e-4, atol=1e-4)
 
 
-class _Dispatches(TorchDispatchMode):
-    """The ATen / taskrouting ops a region dispatches, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_one_dispatch_forward_and_backward_and_no_zero_fills(backend, target):
     """A training step of the layer: forward = the fused op, the running-stat update and the batch
     count (plus the mask row view); backward = the fused backward alone, with no zero tensors
@@ -271,9 +257,9 @@ def test_one_dispatch_forward_and_backward_and_no_zero_fills(backend, target):
     layer = BNReLURoute2d(8, num_tasks=3, seed=0, backend=backend).to(target.device)
     x = torch.randn(4, 8, 5, 5, device=target.device, requires_grad=True)
     grad = torch.ones(4, 8, 5, 5, device=target.device)
-    with _Dispatches() as forward:
+    with Dispatches() as forward:
         y = layer(x, task=1)
-    with _Dispatches() as backward:
+    with Dispatches() as backward:
         y.backward(grad)
     family = ops.BACKENDS[backend].family
     if family is not None:

@@ -179,34 +179,8 @@ def bn_relu_route_backward_reference(grad_y, x, route, weight, bias, mean, invst
     second backward through it is exact: autograd of the reference forward, with ``create_graph``.
     In training the statistics are recomputed from ``x`` (they depend on it); in eval ``mean`` and
     ``invstd`` are the running statistics, constants. Outputs not in ``output_mask`` are empty."""
-    given = (x, weight, bias)
-    wanted = [t is not None and bool(need) for t, need in zip(given, output_mask)]
-    with torch.enable_grad():
-        # Differentiate through tensors already in the graph; the others get a fresh leaf.
-        inputs = [t if t is None or t.requires_grad else t.detach().requires_grad_() for t in given]
-        xi, wi, bi = inputs
-        if training:
-            y = bn_relu_route_reference(xi, route, wi, bi, None, None, True, 0.0, eps, routed_stats)
-        else:
-            xi, wi, bi = _cut_unrouted(route, xi, wi, bi)
-            acc = mean.dtype
-            shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
-            xhat = (xi.to(acc) - mean.view(shape)) * invstd.view(shape)
-            if wi is not None:
-                xhat = xhat * wi.to(acc).view(shape)
-            if bi is not None:
-                xhat = xhat + bi.to(acc).view(shape)
-            y = route_select(F.relu(xhat), route).to(x.dtype)
-        sources = [t for t, want in zip(inputs, wanted) if want]
-        grads = iter(torch.autograd.grad(y, sources, grad_y, create_graph=True, allow_unused=True))
-    out = []
-    for t, want in zip(inputs, wanted):
-        if not want:
-            out.append(x.new_empty(0))
-            continue
-        g = next(grads)
-        out.append(torch.zeros_like(t) if g is None else g)
-    return tuple(out)
+    return _batch_norm_backward(lambda pre: route_select(F.relu(pre), route).to(x.dtype), grad_y, x, route, weight,
+                                bias, mean, invstd, training, eps, routed_stats, output_mask)
 
 
 def bn_add_relu_route_backward_reference(grad_y, y, x, route, weight, bias, mean, invstd, training: bool,
@@ -215,10 +189,21 @@ def bn_add_relu_route_backward_reference(grad_y, y, x, route, weight, bias, mean
     PyTorch ops: g = grad_y where y > 0 (y is 0 wherever the sample is not routed) is grad_residual,
     and batch_norm's backward of g the rest. Outputs not in ``output_mask`` are empty."""
     g = torch.where(y > 0, grad_y, grad_y.new_zeros(()))
+    grad_x, grad_weight, grad_bias = _batch_norm_backward(
+        lambda pre: pre, g, x, route, weight, bias, mean, invstd, training, eps, routed_stats,
+        [output_mask[0], output_mask[2], output_mask[3]])
+    grad_residual = _restride(g, output_strides(x)) if output_mask[1] else x.new_empty(0)
+    return grad_x, grad_residual, grad_weight, grad_bias
+
+
+def _batch_norm_backward(output_of, grad, x, route, weight, bias, mean, invstd, training, eps, routed_stats,
+                         output_mask):
+    """(grad_x, grad_weight, grad_bias) of ``output_of(batch_norm(x))`` for the incoming ``grad``, with
+    ``create_graph``; batch statistics recomputed from x in training, ``mean``/``invstd`` constants in eval."""
     given = (x, weight, bias)
-    bn_mask = [output_mask[0], output_mask[2], output_mask[3]]
-    wanted = [t is not None and bool(need) for t, need in zip(given, bn_mask)]
+    wanted = [t is not None and bool(need) for t, need in zip(given, output_mask)]
     with torch.enable_grad():
+        # Differentiate through tensors already in the graph; the others get a fresh leaf.
         inputs = [t if t is None or t.requires_grad else t.detach().requires_grad_() for t in given]
         xi, wi, bi = inputs
         if training:
@@ -231,15 +216,15 @@ def bn_add_relu_route_backward_reference(grad_y, y, x, route, weight, bias, mean
                 pre = pre * wi.to(mean.dtype).view(shape)
             if bi is not None:
                 pre = pre + bi.to(mean.dtype).view(shape)
+        out = output_of(pre)
         sources = [t for t, want in zip(inputs, wanted) if want]
-        grads = iter(torch.autograd.grad(pre, sources, g.to(pre.dtype), create_graph=True, allow_unused=True)
+        grads = iter(torch.autograd.grad(out, sources, grad.to(out.dtype), create_graph=True, allow_unused=True)
                      if sources else ())
-    out = []
+    result = []
     for t, want in zip(inputs, wanted):
         if not want:
-            out.append(x.new_empty(0))
+            result.append(x.new_empty(0))
             continue
-        grad = next(grads)
-        out.append(torch.zeros_like(t) if grad is None else grad)
-    grad_residual = _restride(g, output_strides(x)) if output_mask[1] else x.new_empty(0)
-    return out[0], grad_residual, out[1], out[2]
+        g = next(grads)
+        result.append(torch.zeros_like(t) if g is None else g)
+    return tuple(result)

@@ -207,18 +207,14 @@ def _define_family(prefix: str) -> None:
 
 
 def _register_autograd(prefix: str) -> None:
-    """The Python autograd of a family, unless the compiled extension registered one in C++
+    """The Python autograd of a family's fused ops, unless the compiled extension registered them in C++
     (``csrc/bn_relu_route_autograd.cpp``, the same wiring without ~30 µs of Python a call)."""
-    add_backward = getattr(torch.ops.taskrouting, prefix + "bn_add_relu_route_backward").default
-    backward, setup_context = _make_add_autograd(add_backward)
-    torch.library.register_autograd(f"taskrouting::{prefix}bn_add_relu_route", backward,
-                                    setup_context=setup_context, lib=_LIB)
-    name = f"taskrouting::{prefix}bn_relu_route"
-    if torch._C._dispatch_has_kernel_for_dispatch_key(name, "Autograd"):
-        return
-    backward_op = getattr(torch.ops.taskrouting, prefix + "bn_relu_route_backward").default
-    backward, setup_context = _make_autograd(backward_op)
-    torch.library.register_autograd(name, backward, setup_context=setup_context, lib=_LIB)
+    for op, make in (("bn_relu_route", _make_autograd), ("bn_add_relu_route", _make_add_autograd)):
+        name = f"taskrouting::{prefix}{op}"
+        if torch._C._dispatch_has_kernel_for_dispatch_key(name, "Autograd"):
+            continue
+        backward, setup_context = make(getattr(torch.ops.taskrouting, f"{prefix}{op}_backward").default)
+        torch.library.register_autograd(name, backward, setup_context=setup_context, lib=_LIB)
 
 
 for _prefix in FAMILIES.values():
