@@ -77,7 +77,7 @@ if [ $dry = 1 ]; then
                tests/test_bn_relu_route.py tests/test_bn_add_relu_route.py
                -k "test_user_masks_momentum_eps or test_zero_variance_channels or test_zero_residual")
   gpu_checks=("$py" -m pytest -q -x -p no:cacheprovider tests/test_gpu_readiness.py -k "cpu and not compile")
-  bench=("$py" -m taskrouting.bench --device cpu --quick --no-plots --out "$out/bench")
+  bench=("$py" -m taskrouting.bench --device cpu --quick --no-compile --no-plots --out "$out/bench")
   tail_bench=("$py" benchmarks/bench_bn_add_relu_route.py --device cpu --shapes 2x16x8x8 --repeats 2)
 else
   # sm_90 only: the lent machines are H100/H200 (CI compiles sm_80 and sm_90 without running them).
