@@ -344,7 +344,7 @@ void reduce_grads(const Prepared& p, GradData<scalar_t> t, const Tensor& mean, c
     rows_grad_sums<kOnY, scalar_t, acc_t>(t.x, t.dy, t.y, p.sh, p.r, sc, sh, m, sg, sgx);
     return;
   }
-  for_each_plane<scalar_t>(p, false, {t.x, t.dy, false, t.y}, [&](int64_t c, const Writer<scalar_t>& writer) {
+  for_each_plane<scalar_t>(p, false, [&](int64_t c, const Writer<scalar_t>& writer) {
     acc_t sums[2] = {0, 0};
     if (p.used[c])
       plane_grad_sums<kOnY>(grad_channels<kOnY>(t.x, t.dy, t.y, p.sh, c), channel_route(p.r, c),
@@ -365,7 +365,7 @@ void apply_grads(const Prepared& p, GradData<scalar_t> t, const Tensor& scale, c
                                            sh, k, stream);
     return;
   }
-  for_each_plane<scalar_t>(p, stream, {t.x, t.dy, false, t.y}, [&](int64_t c, const Writer<scalar_t>& writer) {
+  for_each_plane<scalar_t>(p, stream, [&](int64_t c, const Writer<scalar_t>& writer) {
     const Channel<scalar_t> dr = t.dr != nullptr ? channel_of(t.dr, p.sh, c) : Channel<scalar_t>{};
     plane_grad_apply<kOnY>(grad_channels<kOnY>(t.x, t.dy, t.y, p.sh, c), channel_of(t.dx, p.sh, c), dr,
                            channel_route(p.r, c), p.used[c], training, routed_stats, ScaleShift<acc_t>{sc[c], sh[c]},
@@ -403,8 +403,7 @@ void backward_planes(const BackwardInputs& in, GradData<scalar_t> t, const Tenso
   const acc_t *sc = in.scale.data_ptr<acc_t>(), *sh = in.shift.data_ptr<acc_t>();
   const acc_t* cnt = training ? count.data_ptr<acc_t>() : nullptr;
   acc_t *sg = sum_dy.data_ptr<acc_t>(), *sgx = sum_dy_xmu.data_ptr<acc_t>();
-  const PlaneReads<scalar_t> reads{want.sums || want.dx ? t.x : nullptr, t.dy, false, t.y};
-  for_each_plane<scalar_t>(p, stream, reads, [&](int64_t c, const Writer<scalar_t>& writer) {
+  for_each_plane<scalar_t>(p, stream, [&](int64_t c, const Writer<scalar_t>& writer) {
     const ScaleShift<acc_t> ss{sc[c], sh[c]};
     const GradChannels<scalar_t> gc = grad_channels<kOnY>(t.x, t.dy, t.y, p.sh, c);
     const Channel<scalar_t> dr = want.dr ? channel_of(t.dr, p.sh, c) : Channel<scalar_t>{};

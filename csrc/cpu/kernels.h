@@ -269,46 +269,15 @@ struct Prepared {
 // x and route as the kernels read them, checked (ops.cpp).
 Prepared prepare(const Tensor& x_in, const Tensor& route_in);
 
-// The inputs a pass over the planes reads (for prefetching): first (x) in every channel it
-// processes, second and third (grad_y, y, the residual) only in the channels some sample uses.
-template <typename scalar_t>
-struct PlaneReads {
-  const scalar_t* first;
-  const scalar_t* second;
-  bool unused_too;  // unused channels are read as well (first, for their statistics)
-  const scalar_t* third = nullptr;
-};
-
-// Loads channel c's planes towards L1 when a channel is small. The hardware prefetcher follows
-// runs within a page, not the C * S stride between a channel's planes, so small planes
-// (e.g. 7x7: 196 bytes each) would otherwise be fetched one miss at a time.
-template <typename scalar_t>
-void prefetch_channel(const scalar_t* t, Shape sh, int64_t c) {
-  constexpr int64_t kMaxBytes = 64 * 1024, kLine = 64;
-  const int64_t plane_bytes = sh.s * int64_t(sizeof(scalar_t));
-  if (t == nullptr || sh.n * plane_bytes > kMaxBytes) return;
-  for (int64_t n = 0; n < sh.n; ++n) {
-    const char* plane = reinterpret_cast<const char*>(t + (n * sh.c + c) * sh.s);
-    for (int64_t b = 0; b < plane_bytes; b += kLine) __builtin_prefetch(plane + b, 0, 3);
-  }
-}
-
-// body(c, writer) for every channel of a planes-layout input, channels split over threads;
-// the next channel's planes are prefetched while one is processed.
+// body(c, writer) for every channel of a planes-layout input, channels split over threads. No software
+// prefetch of the next channel: GCC drops calls of a function that only prefetches (it deems it const), so
+// the one this loop had never ran, and forced inline it was not faster in an A/B here (2026-12).
 template <typename scalar_t, typename F>
-void for_each_plane(const Prepared& p, bool stream, PlaneReads<scalar_t> reads, const F& body) {
+void for_each_plane(const Prepared& p, bool stream, const F& body) {
   at::parallel_for(0, p.sh.c, grain_for(p.sh.n * p.sh.s), [&](int64_t i0, int64_t i1) {
     Scratch<scalar_t> scratch;
     const Writer<scalar_t> writer{stream, scratch};
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t next = i + 1 < i1 ? p.order[i + 1] : -1;
-      if (next >= 0 && (reads.unused_too || p.used[next])) prefetch_channel(reads.first, p.sh, next);
-      if (next >= 0 && p.used[next]) {
-        prefetch_channel(reads.second, p.sh, next);
-        prefetch_channel(reads.third, p.sh, next);
-      }
-      body(p.order[i], writer);
-    }
+    for (int64_t i = i0; i < i1; ++i) body(p.order[i], writer);
     if (stream) stream_fence();
   });
 }

@@ -110,8 +110,7 @@ void apply_forward(const Prepared& p, Tensor& y, const Tensor& mean, const Tenso
     rows_apply<kAdd, scalar_t, acc_t>(x, residual, out, p.sh, p.r, scale.data(), shift.data(), streams(y));
     return;
   }
-  const PlaneReads<scalar_t> reads{x, residual, false};
-  for_each_plane<scalar_t>(p, streams(y), reads, [&](int64_t c, const Writer<scalar_t>& writer) {
+  for_each_plane<scalar_t>(p, streams(y), [&](int64_t c, const Writer<scalar_t>& writer) {
     plane_apply<kAdd>(channel_of(x, p.sh, c), residual_channel<kAdd>(residual, p.sh, c), channel_of(out, p.sh, c),
                       channel_route(p.r, c), p.used[c], ScaleShift<acc_t>{scale[c], shift[c]}, writer);
   });
@@ -138,8 +137,7 @@ void fused_forward(const Prepared& p, ForwardOutputs& out, const Tensor& w, cons
   scalar_t* yp = y.data_ptr<scalar_t>();
   acc_t *v = var.data_ptr<acc_t>(), *cnt = count.data_ptr<acc_t>();
   const acc_t *wp = w.data_ptr<acc_t>(), *bp = b.data_ptr<acc_t>();
-  const PlaneReads<scalar_t> reads{x, residual, !routed_stats && stats_all_channels};
-  for_each_plane<scalar_t>(p, streams(y), reads, [&](int64_t c, const Writer<scalar_t>& writer) {
+  for_each_plane<scalar_t>(p, streams(y), [&](int64_t c, const Writer<scalar_t>& writer) {
     const Channel<const scalar_t> xc = channel_of(x, p.sh, c);
     const Route rc = channel_route(p.r, c);
     Welford<acc_t> st;

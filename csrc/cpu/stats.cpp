@@ -64,8 +64,7 @@ void compute_stats(const Prepared& p, bool routed, bool all_channels, StatsOut<a
     rows_stats<scalar_t, acc_t>(x, p.sh, p.r, routed, p.used, all_channels, out);
     return;
   }
-  const PlaneReads<scalar_t> reads{x, nullptr, !routed && all_channels};
-  for_each_plane<scalar_t>(p, false, reads, [&](int64_t c, const Writer<scalar_t>& writer) {
+  for_each_plane<scalar_t>(p, false, [&](int64_t c, const Writer<scalar_t>& writer) {
     Welford<acc_t> w;
     if (wants_stats(p.used[c], routed, all_channels))
       w = plane_stats(channel_of(x, p.sh, c), channel_route(p.r, c), routed, writer.scratch.a.data());
