@@ -354,3 +354,38 @@ def test_resnet_fused_tail_option():
     for training in (True, False):
         fused.train(training), unfused_tail.train(training)
         torch.testing.assert_close(fused(x, task=1), unfused_tail(x, task=1))
+
+
+@pytest.mark.parametrize("name", ["vgg11_bn", "resnet50"])
+def test_fused_models_deploy_with_torch_export(name):
+    """An eval-mode fused model exports (torch.export), saves and loads as one graph of the taskrouting ops (the
+    ResNet tail as one bn_add_relu_route), and the loaded program computes what the model does."""
+    model = randomize(build(name)).eval()
+    set_active_task(model, 2)
+    x = image()
+    program = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "taskrouting.bn_relu_route.default" in targets
+    assert ("taskrouting.bn_add_relu_route.default" in targets) == (name == "resnet50")
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer)
+    torch.testing.assert_close(loaded.module()(x), model(x))
+
+
+def test_fused_resnet_tail_under_autocast():
+    """Under bf16 autocast the tail takes the convolution's and the shortcut's bf16 outputs as they are (no cast
+    around the op): a training step runs, and in eval the output matches float32 to bf16 precision (train-mode
+    BatchNorm over a few values per channel deep in would amplify the rounding)."""
+    model = randomize(build("resnet50", task_stats=False))
+    x = image()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x, task=1)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x, task=1)
+    torch.testing.assert_close(y.float(), model(x, task=1), rtol=0.05, atol=0.05)
