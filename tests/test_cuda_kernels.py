@@ -49,6 +49,10 @@ def test_second_device():
     ((16, 600, 28, 28), False),  # many channels, too big for shared memory: one block per channel
     ((32, 256, 14, 14), True),   # channels-last, many channels: 2-D grid
     ((4096, 96), False),         # [N, C] rows, many rows
+    ((8, 64, 14, 14), False),    # S % 8 == 4: half/bfloat16 in 4-element (64-bit) packs, split reduction
+    ((8, 2048, 14, 14), False),  # the same in the fused one-block-per-channel forward
+    ((4, 8, 3, 6), False),       # S % 4 == 2: scalar loads (no 2-element packs are compiled)
+    ((4, 36, 6, 6), True),       # channels-last, C % 8 == 4: half/bfloat16 in 4-element packs
 ], ids=str)
 def test_launch_shapes(shape, channels_last, dtype):
     for per_sample, stats in ((False, "batch"), (True, "routed"), (True, "batch")):
@@ -120,6 +124,10 @@ def test_memcheck():
     ((8, 2048, 8, 8), False),    # fused forward with 128-bit loads (S % 8 == 0)
     ((32, 256, 14, 14), True),   # channels-last 2-D grid
     ((4096, 96), False),         # [N, C] rows
+    ((8, 64, 14, 14), False),    # S % 8 == 4: half/bfloat16 in 4-element (64-bit) packs
+    ((8, 2048, 14, 14), False),  # the same in the fused forward (stash and residual in 64-bit packs)
+    ((4, 8, 3, 6), False),       # S % 4 == 2: scalar loads
+    ((4, 36, 6, 6), True),       # channels-last, C % 8 == 4: half/bfloat16 in 4-element packs
 ], ids=str)
 def test_add_launch_shapes(shape, channels_last, dtype):
     for per_sample, stats in ((False, "batch"), (True, "routed"), (True, "batch")):
@@ -130,22 +138,39 @@ def test_add_launch_shapes(shape, channels_last, dtype):
     compare("cuda", case, False, "batch")
 
 
-def _one_element_in(t):
-    """t's values and strides, one element into a larger storage: misaligned for 128-bit accesses."""
-    out = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)[1:].as_strided(t.shape, t.stride()).copy_(t)
+def _one_element_in(t, elements=1):
+    """t's values and strides, `elements` elements into a larger storage: misaligned for 128-bit accesses."""
+    out = torch.empty(t.numel() + elements, device=t.device, dtype=t.dtype)[elements:]
+    out = out.as_strided(t.shape, t.stride()).copy_(t)
     assert out.data_ptr() % 16 != 0
     return out
 
 
+MISALIGNED_SHAPES = [((4, 64, 8, 8), False), ((4, 64, 8, 8), True), ((8, 2048, 8, 8), False)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,channels_last", [((4, 64, 8, 8), False), ((4, 64, 8, 8), True),
-                                                 ((8, 2048, 8, 8), False)], ids=str)
+@pytest.mark.parametrize("shape,channels_last", MISALIGNED_SHAPES, ids=str)
 @pytest.mark.parametrize("per_sample", [False, True], ids=["batch_task", "sample_task"])
 @pytest.mark.parametrize("which", ["residual", "y", "grad_y"])
 def test_add_one_misaligned_operand(dtype, shape, channels_last, per_sample, which):
     """One operand misaligned, the others aligned and of vector-friendly sizes: every kernel of the op falls
     back to scalar accesses for all its operands (the reduce that stores g and the apply that reads it back
     included) and gives what the aligned call gives; grad_residual exactly."""
+    _check_one_misaligned_operand(dtype, shape, channels_last, per_sample, which, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,channels_last", MISALIGNED_SHAPES, ids=str)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batch_task", "sample_task"])
+@pytest.mark.parametrize("which", ["residual", "y", "grad_y"])
+def test_add_one_operand_8_byte_aligned(dtype, shape, channels_last, per_sample, which):
+    """One half/bfloat16 operand 8- but not 16-byte aligned: every kernel of the op takes 4-element packs for
+    all its operands instead of 8 (the reduce that stores g and the apply that reads it back the same)."""
+    _check_one_misaligned_operand(dtype, shape, channels_last, per_sample, which, 4)
+
+
+def _check_one_misaligned_operand(dtype, shape, channels_last, per_sample, which, elements):
     g = torch.Generator(device=DEV).manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     rand = lambda: torch.randn(shape, device=DEV, generator=g).to(dtype).contiguous(memory_format=fmt)
@@ -156,7 +181,7 @@ def test_add_one_misaligned_operand(dtype, shape, channels_last, per_sample, whi
     fwd = TR.bn_add_relu_route(x, r, route, w, b, None, None, True, 1e-5, False, False)
     y, mean, invstd, _, count = fwd
     args = {"residual": r, "y": y, "grad_y": dy}
-    args[which] = _one_element_in(args[which])
+    args[which] = _one_element_in(args[which], elements)
     got_fwd = TR.bn_add_relu_route(x, args["residual"], route, w, b, None, None, True, 1e-5, False, False)
     tol = dict(rtol=1e-2, atol=1e-2) if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-4)
     for got, want in zip(got_fwd, fwd):

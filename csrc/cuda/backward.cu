@@ -295,7 +295,7 @@ rows_grad_apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __restric
                        const acc_t* __restrict__ params, bool training, bool routed_stats) {
   constexpr int U = kRowUnroll<VEC>();
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
-  if (c0 >= C) return;  // no barrier below; with VEC > 1, C % VEC == 0
+  if (c0 >= C) return;  // no barrier below; C % VEC == 0 (vec_width)
   const scalar_t* g_src = G == Gate::kStored ? dr : dy;
   bool live[VEC], on_batch[VEC];
   acc_t scale[VEC], shift[VEC], kd[VEC], kx[VEC], kb[VEC];
@@ -433,12 +433,14 @@ void grad_apply_impl(const Problem& p, const at::Tensor& dy, const at::Tensor& d
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// 128-bit accesses where every operand of a backward pass allows them. The apply adds only grad_x
-// to the reduce's operands, so it never takes wider packs than the reduce that stored g in whole
-// packs (rows layout): it reads back what the reduce wrote, pack by pack or element by element.
-bool grad_vec(const Problem& p, int V, const at::Tensor& dy, const ResidualGrad& res) {
-  return aligned16(p.x.data_ptr()) && aligned16(dy.data_ptr()) && aligned16_or_absent(res.y) &&
-         aligned16_or_absent(res.grad_residual) && (p.rows ? p.c : p.s) % V == 0;
+// The vector width of a backward pass (vec_width over its operands; dx: the apply's grad_x). The
+// apply adds only grad_x to the reduce's operands, so it never takes wider packs than the reduce
+// that stored g in whole packs (rows layout): each of its packs lies in one pack of the reduce, and
+// it reads back what the reduce wrote (and zeroes the packs with no routed channel).
+template <typename T>
+int grad_vec(const Problem& p, const at::Tensor& dy, const ResidualGrad& res, const at::Tensor& dx = at::Tensor()) {
+  return vec_width<T>(p.rows ? p.c : p.s, {p.x.data_ptr(), dy.data_ptr(), ptr_or_absent(res.y),
+                                           ptr_or_absent(res.grad_residual), ptr_or_absent(dx)});
 }
 
 }  // namespace
@@ -451,7 +453,6 @@ void launch_grad_reduce(const Problem& p, const at::Tensor& dy, const at::Tensor
   TORCH_INTERNAL_ASSERT(!res.stored_g || (res.y.defined() && res.grad_residual.defined()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "taskrouting_grad_reduce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int V = vec_size<scalar_t>();
     GradOut<acc_t> out{};
     out.sum_dy = sum_dy.data_ptr<acc_t>();
     out.sum_dy_xmu = sum_dy_xmu.data_ptr<acc_t>();
@@ -467,7 +468,7 @@ void launch_grad_reduce(const Problem& p, const at::Tensor& dy, const at::Tensor
     out.partial = nullptr;
     out.channels = p.c;
     out.chunks = 1;
-    with_vec<V>(grad_vec(p, V, dy, res), [&](auto vec_tag) {
+    with_vec<scalar_t>(grad_vec<scalar_t>(p, dy, res), [&](auto vec_tag) {
       constexpr int W = decltype(vec_tag)::value;
       if (!res.y.defined()) {
         grad_reduce_impl<scalar_t, acc_t, W, Gate::kPreActivation, false>(p, dy, out, res);
@@ -502,10 +503,8 @@ void launch_grad_apply(const Problem& p, const at::Tensor& dy, const at::Tensor&
   TORCH_INTERNAL_ASSERT(!res.stored_g || (res.y.defined() && dr));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "taskrouting_grad_apply_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int V = vec_size<scalar_t>();
     const acc_t* prm = dx.defined() ? params.data_ptr<acc_t>() : nullptr;
-    const bool vec = grad_vec(p, V, dy, res) && aligned16_or_absent(dx);
-    with_vec<V>(vec, [&](auto vec_tag) {
+    with_vec<scalar_t>(grad_vec<scalar_t>(p, dy, res, dx), [&](auto vec_tag) {
       constexpr int W = decltype(vec_tag)::value;
       auto launch = [&](auto gate, auto with_dx, auto with_dr) {
         grad_apply_impl<scalar_t, acc_t, W, decltype(gate)::value, decltype(with_dx)::value,

@@ -7,7 +7,7 @@
 //
 // Two layouts, as in the CPU kernels:
 //  * planes (NCHW-contiguous, rank 3-5): x[n, c, s] at (n*C + c)*S + s. Blocks are 2-D,
-//    threadIdx.x along s (coalesced, VEC elements per 128-bit load), threadIdx.y along samples.
+//    threadIdx.x along s (coalesced, VEC elements per load: vec_width), threadIdx.y along samples.
 //  * rows (channels-last, [N, C], and any layout with S == 1): x[m, c] at m*C + c, m = n*S + s.
 //    Blocks are 2-D, threadIdx.x along C (VEC channels per thread, coalesced across C),
 //    threadIdx.y along rows.
@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include "../bn_relu_route_checks.h"
@@ -34,7 +35,7 @@ namespace cuda {
 
 constexpr int kThreads = 256;            // threads per block of the main kernels
 constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;               // independent 128-bit loads in flight per thread
+constexpr int kUnroll = 4;               // independent vector loads in flight per thread
 constexpr int kMaxGridY = 65535;
 constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
 constexpr int64_t kFusedStashBytes = 40 * 1024;  // a channel this small is kept in shared memory
@@ -50,6 +51,15 @@ constexpr int kRowUnroll() {
 template <typename T>
 constexpr int vec_size() {
   return 16 / int(sizeof(T)) > 0 ? 16 / int(sizeof(T)) : 1;
+}
+
+// The narrower vector width the kernels are also compiled for: 64-bit accesses of half/bfloat16
+// (4 elements: a 14x14 plane, or C % 8 == 4 channels-last), 1 (none) for float and double. Every
+// width is another instantiation of every kernel; 2-element widths are left out: square planes
+// (S = n * n) are never 2 mod 4, so they would serve only odd shapes.
+template <typename T>
+constexpr int vec_size_narrow() {
+  return vec_size<T>() >= 8 ? vec_size<T>() / 2 : 1;
 }
 
 template <typename T, int N>
@@ -355,14 +365,45 @@ Problem prepare(const at::Tensor& x, const at::Tensor& route);
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// An optional operand's address for vec_width: nullptr (constrains nothing) when it is absent.
+inline const void* ptr_or_absent(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// The one rule for the vector width of a launch: the widest W of those compiled for T
+// (vec_size<T>(), vec_size_narrow<T>(), 1) such that `extent` (S in the planes layout, C in rows)
+// is a multiple of W and every operand the kernels access in packs (ptrs; nullptr: absent) is
+// aligned to W * sizeof(T) bytes. A launch whose operands are a superset of another's, with the
+// same extent, never gets a wider W (backward.cu relies on it).
+template <typename T>
+int vec_width(int64_t extent, std::initializer_list<const void*> ptrs) {
+  auto fits = [&](int w) {
+    if (extent % w != 0) return false;
+    const uintptr_t bytes = uintptr_t(w) * sizeof(T);
+    for (const void* q : ptrs)
+      if (reinterpret_cast<uintptr_t>(q) % bytes != 0) return false;
+    return true;
+  };
+  if (fits(vec_size<T>())) return vec_size<T>();
+  if (vec_size_narrow<T>() > 1 && fits(vec_size_narrow<T>())) return vec_size_narrow<T>();
+  return 1;
+}
+
 // Run-time choices as compile-time constants for a generic lambda f (read with decltype(arg)::value):
-// the vector width (V where 128-bit accesses fit every operand, else 1), and a flag.
-template <int V, typename F>
-void with_vec(bool vec, F&& f) {
-  if (vec)
+// the vector width (one vec_width<T> returned), and a flag.
+template <typename T, typename F>
+void with_vec(int w, F&& f) {
+  constexpr int V = vec_size<T>(), H = vec_size_narrow<T>();
+  if (w == V) {
     f(std::integral_constant<int, V>());
-  else
-    f(std::integral_constant<int, 1>());
+    return;
+  }
+  if constexpr (H > 1) {
+    if (w == H) {
+      f(std::integral_constant<int, H>());
+      return;
+    }
+  }
+  TORCH_INTERNAL_ASSERT(w == 1, "taskrouting: no kernels of vector width ", w);
+  f(std::integral_constant<int, 1>());
 }
 
 template <typename F>
@@ -391,10 +432,6 @@ template <typename Kernel>
 int64_t resident_blocks_of(Kernel* kernel) {
   return resident_blocks(reinterpret_cast<const void*>(kernel));
 }
-
-bool aligned16(const void* p);
-// An optional operand (undefined: nothing to load) that does not stop 128-bit accesses.
-inline bool aligned16_or_absent(const at::Tensor& t) { return !t.defined() || aligned16(t.data_ptr()); }
 
 // Launch shapes (see the .cu files for the kernels that use them).
 struct PlanesShape {  // reductions over planes: grid (chunks, channels), block (bx, by)
@@ -443,8 +480,9 @@ StatsOut<acc_t> stats_out(const Problem& p, const at::Tensor& mean, const at::Te
 void launch_stats(const Problem& p, bool routed, bool all_channels, const at::Tensor& mean, const at::Tensor& var,
                   const at::Tensor& count, const at::Tensor& invstd, const at::Tensor& scale_shift,
                   const at::Tensor& weight, const at::Tensor& bias, double eps);
-// resident_blocks of the planes statistics kernel launch_stats would launch for p (vec: 16-byte loads).
-int64_t planes_stats_resident(const Problem& p, bool vec);
+// resident_blocks of the planes statistics kernel launch_stats would launch for p at vector width vec
+// (a vec_width of p.x's dtype).
+int64_t planes_stats_resident(const Problem& p, int vec);
 void launch_update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
                                  const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count,
                                  double momentum);
@@ -480,7 +518,7 @@ enum class Gate {
 
 // bn_add_relu_route's backward (empty for bn_relu_route's): gate on y, and write g to
 // grad_residual (optional). With stored_g, the reduce writes g where the sample goes through the
-// channel (in whole 128-bit packs in the rows layout, zeros for the other channels of the pack)
+// channel (in whole packs of the reduce's width in the rows layout, zeros for the other channels of the pack)
 // and the apply reads it back from there instead of y and dy, and writes the rest of grad_residual.
 struct ResidualGrad {
   at::Tensor y;

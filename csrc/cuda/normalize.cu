@@ -77,7 +77,7 @@ rows_apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r
                   int64_t M, int64_t C, int64_t S, Route r, const acc_t* __restrict__ params) {
   constexpr int U = kRowUnroll<VEC>();
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
-  if (c0 >= C) return;  // no barrier below; with VEC > 1, C % VEC == 0
+  if (c0 >= C) return;  // no barrier below; C % VEC == 0 (vec_width)
   ScaleShift<acc_t> ss[VEC];
   bool on_batch[VEC];
 #pragma unroll
@@ -219,12 +219,11 @@ void launch_forward_apply(const Problem& p, const at::Tensor& y, const at::Tenso
   if (p.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "taskrouting_forward_apply_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int V = vec_size<scalar_t>();
     const acc_t* params = scale_shift.data_ptr<acc_t>();
-    const bool vec = aligned16(p.x.data_ptr()) && aligned16(y.data_ptr()) && aligned16_or_absent(residual) &&
-                     (p.rows ? p.c : p.s) % V == 0;
+    const int vec =
+        vec_width<scalar_t>(p.rows ? p.c : p.s, {p.x.data_ptr(), y.data_ptr(), ptr_or_absent(residual)});
     with_flag(residual.defined(), [&](auto has_residual) {
-      with_vec<V>(vec, [&](auto vec_tag) {
+      with_vec<scalar_t>(vec, [&](auto vec_tag) {
         apply_impl<scalar_t, acc_t, decltype(vec_tag)::value, decltype(has_residual)::value>(p, y, params, residual);
       });
     });
@@ -240,16 +239,15 @@ bool try_fused_forward(const Problem& p, const at::Tensor& y, bool routed, bool 
   bool launched = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "taskrouting_fused_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int V = vec_size<scalar_t>();
-    const bool vec =
-        aligned16(p.x.data_ptr()) && aligned16(y.data_ptr()) && aligned16_or_absent(residual) && p.s % V == 0;
+    // The stash (16-byte aligned, plane n at n * S elements) needs no more than x's alignment.
+    const int vec = vec_width<scalar_t>(p.s, {p.x.data_ptr(), y.data_ptr(), ptr_or_absent(residual)});
     // Only where one block per channel already fills the GPU (else the split reduction wins).
-    if (planes_shape(p, vec ? V : 1, planes_stats_resident(p, vec)).chunks != 1) return;
+    if (planes_shape(p, vec, planes_stats_resident(p, vec)).chunks != 1) return;
     const StatsOut<acc_t> out = stats_out<acc_t>(p, mean, var, count, invstd, at::Tensor(), weight, bias, eps);
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     const size_t smem = size_t(ceil_div(bytes, 16) * 16);
     with_flag(residual.defined(), [&](auto has_residual) {
-      with_vec<V>(vec, [&](auto vec_tag) {
+      with_vec<scalar_t>(vec, [&](auto vec_tag) {
         constexpr int W = decltype(vec_tag)::value;
         constexpr bool kResidual = decltype(has_residual)::value;
         const PlanesShape sh = planes_shape(p, W, /*resident=*/0);

@@ -38,8 +38,6 @@ int64_t resident_blocks(const void* kernel, size_t smem) {
   return cache[key] = int64_t(std::max(per_sm, 1)) * sms;
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 PlanesShape planes_shape(const Problem& p, int vec, int64_t resident) {
   PlanesShape sh;
   const int64_t N = p.n, C = p.c, S = p.s;

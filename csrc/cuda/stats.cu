@@ -195,13 +195,13 @@ AccStats acc_stats(const at::Tensor& mean, const at::Tensor& var, const at::Tens
 
 }  // namespace
 
-int64_t planes_stats_resident(const Problem& p, bool vec) {
+int64_t planes_stats_resident(const Problem& p, int vec) {
   int64_t blocks = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "taskrouting_stats_resident", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int V = vec_size<scalar_t>();
-    blocks = vec ? resident_blocks_of(planes_stats_kernel<scalar_t, acc_t, V>)
-                 : resident_blocks_of(planes_stats_kernel<scalar_t, acc_t, 1>);
+    with_vec<scalar_t>(vec, [&](auto vec_tag) {
+      blocks = resident_blocks_of(planes_stats_kernel<scalar_t, acc_t, decltype(vec_tag)::value>);
+    });
   });
   return blocks;
 }
@@ -212,13 +212,10 @@ void launch_stats(const Problem& p, bool routed, bool all_channels, const at::Te
   if (p.c == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "taskrouting_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int V = vec_size<scalar_t>();
     const StatsOut<acc_t> out = stats_out<acc_t>(p, mean, var, count, invstd, scale_shift, weight, bias, eps);
-    const bool vec = aligned16(p.x.data_ptr()) && (p.rows ? p.c : p.s) % V == 0;
-    if (vec)
-      stats_impl<scalar_t, acc_t, V>(p, routed, all_channels, out);
-    else
-      stats_impl<scalar_t, acc_t, 1>(p, routed, all_channels, out);
+    with_vec<scalar_t>(vec_width<scalar_t>(p.rows ? p.c : p.s, {p.x.data_ptr()}), [&](auto vec_tag) {
+      stats_impl<scalar_t, acc_t, decltype(vec_tag)::value>(p, routed, all_channels, out);
+    });
   });
 }
 

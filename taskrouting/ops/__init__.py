@@ -2,7 +2,8 @@
 
 ``schemas`` defines the ``torch.library`` ops once (fake kernels, autograd); ``backends`` says which
 kernels run where; ``checks`` and ``route`` validate arguments and pick each sample's channels;
-``bn_relu_route`` is the entry point users call; ``reference`` is the pure-PyTorch ground truth;
+``bn_relu_route`` is the entry point users call (``bn_add_relu_route``: the same with a residual added before the
+ReLU, a ResNet block's tail); ``reference`` is the pure-PyTorch ground truth;
 ``extension`` loads the compiled C++/CUDA kernels (``csrc/``); ``triton/`` holds the Triton kernels.
 """
 from . import schemas  # noqa: F401  (defines the ops before anything registers kernels against them)
