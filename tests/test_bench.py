@@ -221,7 +221,7 @@ def test_model_missing_is_a_clear_skip(monkeypatch):
 
 def test_strip_routing_leaves_plain_batchnorm():
     try:
-        vgg11_bn = model.load_vgg11_bn()
+        vgg11_bn = model.load_model("vgg11_bn")
     except variants.Skip as exc:
         pytest.skip(str(exc))
     net = model.strip_routing(vgg11_bn(3, width_mult=1 / 16, pool_size=1, fused=False, seed=0))

@@ -25,7 +25,7 @@ from ..ops.recompute import saved_tensors_meter
 from .cases import ModelSettings
 from .variants import Skip, Step, task_order
 
-__all__ = ["model_variants", "base_variant", "strip_routing", "model_step", "load_model", "load_vgg11_bn"]
+__all__ = ["model_variants", "base_variant", "strip_routing", "model_step", "load_model"]
 
 
 OPTIONS = ("task_stats", "memory_efficient")  # model options a variant can add: fused:<backend>+<option>
@@ -52,9 +52,6 @@ def load_model(arch: str):
     except (ImportError, AttributeError) as exc:
         raise Skip(f"whole-model case skipped: taskrouting.models.{arch} is not available ({exc})") from None
 
-
-def load_vgg11_bn():
-    return load_model("vgg11_bn")
 
 
 _PLAIN_BATCHNORM = {BNReLURoute1d: nn.BatchNorm1d, BNReLURoute2d: nn.BatchNorm2d, BNReLURoute3d: nn.BatchNorm3d,
