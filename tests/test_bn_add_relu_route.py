@@ -142,6 +142,34 @@ def test_masked_values_are_never_read(backend, device, channels_last, per_sample
         assert (w.grad[unused] == 0).all() and (b.grad[unused] == 0).all()
 
 
+@pytest.mark.parametrize("op", ["bn_relu_route", "bn_add_relu_route"])
+@pytest.mark.parametrize("training,stats", [(False, "batch"), (True, "routed")], ids=["eval", "train-routed"])
+def test_nan_where_a_sample_is_not_routed_reaches_nothing(backend, device, op, training, stats):
+    """Per-sample tasks, in eval or with routed statistics: a sample outside a used channel enters neither its
+    output nor its statistics, so NaN in x there reaches no output and no gradient, on every backend and in the
+    reference (which selects such values away rather than multiplying them by 0), for both ops."""
+    case = make_case((6, 8, 3, 3), per_sample=True, sharing_ratio=0.5, device=device, residual=True)
+    route = ops.select_route(case["masks"], case["task"], 6, case["x"].device)
+    off = ~route & route.any(0)  # (sample, channel) pairs of used channels that the sample does not go through
+    assert off.any()
+    x = case["x"].clone()
+    x[off] = float("nan")
+    results = {}
+    for name in ("reference", backend):
+        xx = x.clone().requires_grad_(True)
+        w, b = case["weight"].clone().requires_grad_(True), case["bias"].clone().requires_grad_(True)
+        rm, rv = case["running_mean"].clone(), case["running_var"].clone()
+        common = (case["masks"], case["task"], w, b, rm, rv, training, 0.1, 1e-5, stats, name)
+        y = ops.bn_relu_route(xx, *common) if op == "bn_relu_route" else \
+            ops.bn_add_relu_route(xx, case["residual"], *common)
+        grads = torch.autograd.grad(y, (xx, w, b), case["grad"])
+        results[name] = (y, *grads, rm, rv)
+        for t in results[name]:
+            assert not t.isnan().any(), name
+    for got, want in zip(results[backend], results["reference"]):
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=1e-4)
+
+
 def test_residual_in_any_layout(backend, target):
     """A residual in the other memory format than x, a misaligned one (storage offset 1) and a non-dense view:
     the same results, and grad_residual in x's layout."""

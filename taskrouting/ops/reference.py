@@ -110,6 +110,15 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
     return y.to(x.dtype)
 
 
+def _routed_values(x, route, training, routed_stats):
+    """``x`` with the values of samples outside a channel selected away (0) where they enter nothing: eval and
+    routed statistics, per-sample routes. Their output is 0 either way, but a NaN there would reach grad_weight
+    as NaN * 0; the kernels never read them."""
+    if route.dim() == 2 and (routed_stats or not training):
+        return route_select(x, route)
+    return x
+
+
 def _cut_unrouted(route, x, weight, bias):
     """``x``, ``weight``, ``bias`` with the channels no sample is routed through detached: those
     channels output 0 whatever ``x`` holds, so their gradient is exactly 0 (a NaN in ``x`` there
@@ -137,6 +146,7 @@ def _normalized(x, route, weight, bias, running_mean, running_var, training, mom
     through channels no sample uses; updates the running stats in place when training."""
     x = _GradInKernelLayout.apply(x)
     x, weight, bias = _cut_unrouted(route, x, weight, bias)
+    x = _routed_values(x, route, training, routed_stats)
     if training and routed_stats:
         return _routed_batch_norm(x, route, weight, bias, running_mean, running_var, momentum, eps)
     return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -210,6 +220,7 @@ def _batch_norm_backward(output_of, grad, x, route, weight, bias, mean, invstd, 
             pre = _normalized(xi, route, wi, bi, None, None, True, 0.0, eps, routed_stats)
         else:
             xi, wi, bi = _cut_unrouted(route, xi, wi, bi)
+            xi = _routed_values(xi, route, False, routed_stats)
             shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
             pre = (xi.to(mean.dtype) - mean.view(shape)) * invstd.view(shape)
             if wi is not None:
