@@ -75,11 +75,8 @@ class _BNReLURoute(CheckedStateLoad, TaskStats, nn.modules.batchnorm._NormBase, 
         return self._routed_forward(x, None, task)
 
     def _op_on(self, x, residual, route, *args, **kwargs):
-        """The fused op on a selected route: ``bn_relu_route_on``, or ``bn_add_relu_route_on`` with a residual
-        (the sync variant overrides this)."""
-        if residual is None:
-            return ops.bn_relu_route_on(x, route, *args, **kwargs)
-        return ops.bn_add_relu_route_on(x, residual, route, *args, **kwargs)
+        """The fused op on a selected route, with the residual if there is one (the sync variant overrides this)."""
+        return ops.bn_relu_route_on(x, route, *args, residual=residual, **kwargs)
 
     def _routed_forward(self, x: torch.Tensor, residual: torch.Tensor | None, task) -> torch.Tensor:
         self._check_input_dim(x)

@@ -85,8 +85,8 @@ class _SyncedBNReLURoute(torch.autograd.Function):
         elif residual is None:
             y = stages.normalize_relu_route(x, route, mean, invstd, weight, bias)
         else:  # the op in eval form normalises with given statistics (invstd = rsqrt(var + eps) as above)
-            y = ops.bn_add_relu_route_on(x, residual, route, weight, bias, mean, var, False, 0.0, eps,
-                                         "batch", backend)
+            y = ops.bn_relu_route_on(x, route, weight, bias, mean, var, False, 0.0, eps, "batch", backend,
+                                     residual=residual)
         ctx.save_for_backward(x, weight, bias, route, mean, invstd, count, extra,
                               y if residual is not None else None)
         ctx.stages, ctx.routed, ctx.group = stages, routed, group

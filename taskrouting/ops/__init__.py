@@ -17,13 +17,13 @@ from .backends import (
     resolve_backend,
     triton_interpreted,
 )
-from .bn_add_relu_route import bn_add_relu_route, bn_add_relu_route_on
+from .bn_add_relu_route import bn_add_relu_route
 from .bn_relu_route import bn_relu_route, bn_relu_route_on, combine_stats
 from .checks import check_inputs, check_residual
 from .route import check_task_ids, select_route
 from .schemas import FAMILIES, NATIVE_KERNELS, SCHEMAS
 
-__all__ = ["bn_relu_route", "bn_relu_route_on", "bn_add_relu_route", "bn_add_relu_route_on", "combine_stats",
+__all__ = ["bn_relu_route", "bn_relu_route_on", "bn_add_relu_route", "combine_stats",
            "check_inputs", "check_residual", "check_task_ids", "select_route", "available_backends",
            "resolve_backend", "register_backend", "family_op", "triton_interpreted", "Backend", "BACKENDS",
            "AUTO_ORDER", "SCHEMAS", "FAMILIES", "NATIVE_KERNELS"]

@@ -6,9 +6,15 @@ import torch
 from .backends import BACKENDS, family_op, resolve_backend
 from .checks import check_inputs
 from .recompute import note_output
-from .reference import bn_relu_route_reference, channel_stats, update_running_stats, update_task_running_stats
+from .reference import (
+    bn_add_relu_route_reference,
+    bn_relu_route_reference,
+    channel_stats,
+    update_running_stats,
+    update_task_running_stats,
+)
 from .route import select_route
-from .schemas import NATIVE_TASK_UPDATE, NATIVE_UPDATE
+from .schemas import NATIVE_ADD_KERNELS, NATIVE_TASK_UPDATE, NATIVE_UPDATE
 
 __all__ = ["bn_relu_route", "bn_relu_route_on", "combine_stats", "update_task_rows", "update_running_stats_of"]
 
@@ -52,8 +58,9 @@ def bn_relu_route(x: torch.Tensor, masks: torch.Tensor, task, weight=None, bias=
 
 
 def bn_relu_route_on(x, route, weight, bias, running_mean, running_var, training, momentum, eps, stats,
-                     backend, also_update=None):
-    """``bn_relu_route`` on an already selected ``route`` (bool [C] or [N, C]) and checked inputs.
+                     backend, also_update=None, residual=None):
+    """``bn_relu_route`` on an already selected ``route`` (bool [C] or [N, C]) and checked inputs; with a
+    ``residual`` (checked: x's shape, dtype and device), ``bn_add_relu_route``.
 
     ``also_update``: a function that a training call also gives the batch statistics
     ``(mean, var, count)`` it updates ``running_mean``/``running_var`` with (a task's row update).
@@ -61,16 +68,24 @@ def bn_relu_route_on(x, route, weight, bias, running_mean, running_var, training
     name = resolve_backend(backend, x)
     routed = stats == "routed"
     if name == "reference":
-        y = bn_relu_route_reference(x, route, weight, bias, running_mean, running_var,
-                                    training, momentum, eps, routed)
+        common = (route, weight, bias, running_mean, running_var, training, momentum, eps, routed)
+        y = bn_relu_route_reference(x, *common) if residual is None else \
+            bn_add_relu_route_reference(x, residual, *common)
         if training and also_update is not None:
             also_update(*channel_stats(x.detach(), route if routed else None))
         return y
     family = BACKENDS[name].family
     track = training and (running_mean is not None or also_update is not None)
-    y, mean, invstd, var, count = family_op(family, "bn_relu_route")(
-        x, route, weight, bias, running_mean, running_var, training, float(eps), routed, track and not routed)
-    note_output(y, family, x, route, mean, invstd, weight, bias)
+    common = (route, weight, bias, running_mean, running_var, training, float(eps), routed, track and not routed)
+    if residual is None:
+        y, mean, invstd, var, count = family_op(family, "bn_relu_route")(x, *common)
+        note_output(y, family, x, route, mean, invstd, weight, bias)
+    else:  # y is not noted for recompute: it could be rebuilt only with the residual
+        if family == "native" and not NATIVE_ADD_KERNELS.get(x.device.type, False):
+            raise RuntimeError(f"backend={name!r}: the compiled extension has no bn_add_relu_route kernel for "
+                               f"{x.device.type} tensors (built from older sources?): rebuild it, or use "
+                               f"backend='reference'")
+        y, mean, invstd, var, count = family_op(family, "bn_add_relu_route")(x, residual, *common)
     if track and running_mean is not None:
         update_running_stats_of(running_mean, running_var, mean, var, count, float(momentum))
     if track and also_update is not None:
