@@ -95,6 +95,7 @@ def measure(shape, device, dtype=torch.float32, num_tasks=100, sharing_ratio=0.5
     grad = torch.randn(shape, generator=g).to(device, dtype)
     out = torch.empty_like(x)
     timer = make_timer(device)
+    device_label = device_name(device)  # environment() runs git and reads /proc: once, not per row
     rows = []
     for mode in MODES:
         backward = mode.endswith("fwdbwd")
@@ -110,7 +111,7 @@ def measure(shape, device, dtype=torch.float32, num_tasks=100, sharing_ratio=0.5
         moved = must_move(shape, x.element_size(), active, backward)
         for name in modules:
             s = summarize(samples[name])
-            row = {"device": device_name(device), "shape": "x".join(map(str, shape)),
+            row = {"device": device_label, "shape": "x".join(map(str, shape)),
                    "dtype": str(dtype).removeprefix("torch."), "mode": mode, "variant": name,
                    "median_ms": s.median * 1e3, "q1_ms": s.q1 * 1e3, "q3_ms": s.q3 * 1e3,
                    "gbps": moved / s.median / 1e9, "copy_fraction": moved / s.median / 1e9 / copy_gbps,
