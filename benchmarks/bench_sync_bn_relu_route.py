@@ -5,8 +5,9 @@ and the bytes per step by computation for VGG-11 and ResNet-50 (312 tasks, as fo
 
 Bytes: a synced routed layer with C channels all-reduces 4C float64 in forward (count·mean,
 M2 + count·mean², count, routed-anywhere flags; 3C with stats="routed") and 2C float32 in backward;
-a plain nn.SyncBatchNorm all-gathers 2C+1 float32 per process in forward and all-reduces 2C in
-backward. Payload per process; a ring all-reduce moves about 2·(P-1)/P times it over each link.
+an unrouted SyncTaskBatchNorm2d (a ResNet's shortcut BatchNorm) 3C float64 and 2C float32; a plain
+nn.SyncBatchNorm all-gathers 2C+1 float32 per process in forward and all-reduces 2C in backward.
+Payload per process; a ring all-reduce moves about 2·(P-1)/P times it over each link.
 """
 from __future__ import annotations
 
@@ -21,17 +22,21 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 ROUTED_FORWARD, ROUTED_BACKWARD = 4 * 8, 2 * 4  # bytes per channel
+UNROUTED_FORWARD = 3 * 8  # SyncTaskBatchNorm2d: count·mean, M2 + count·mean², count; backward as routed
 
 
 def model_bytes(name: str, num_tasks: int = 312, world: int = 8) -> dict:
+    from taskrouting.nn import TaskBatchNorm2d
     from taskrouting.nn.bn_relu_route import BATCH_NORMS, _BNReLURoute
     from taskrouting.training.config import build_model
 
     model = build_model(name, num_tasks, 0.5, seed=0, pool_size=1, embedding_dim=2)
     routed = [m.num_features for m in model.modules() if isinstance(m, _BNReLURoute)]
-    plain = [m.num_features for m in model.modules() if isinstance(m, BATCH_NORMS) and not isinstance(m, _BNReLURoute)]
+    plain = [m for m in model.modules() if isinstance(m, BATCH_NORMS) and not isinstance(m, _BNReLURoute)]
     routed_bytes = sum(routed) * (ROUTED_FORWARD + ROUTED_BACKWARD)
-    plain_bytes = sum(world * (2 * c + 1) * 4 + 2 * c * 4 for c in plain)
+    plain_bytes = sum(m.num_features * (UNROUTED_FORWARD + ROUTED_BACKWARD) if type(m) is TaskBatchNorm2d
+                      else world * (2 * m.num_features + 1) * 4 + 2 * m.num_features * 4 for m in plain)
+    plain = [m.num_features for m in plain]
     return {"model": name, "routed_layers": len(routed), "routed_channels": sum(routed), "plain_layers": len(plain),
             "plain_channels": sum(plain), "collectives": 2 * (len(routed) + len(plain)),
             "bytes_per_step": routed_bytes + plain_bytes}

@@ -378,7 +378,9 @@ def test_models_keep_task_stats_by_default_and_resnet_in_its_unrouted_batchnorms
     assert type(resnet50(3, width_mult=1 / 16, fused=False).layer1[0].bn3) is TaskBatchNorm2d
     assert all(getattr(m, "task_stats", True) for m in resnet.modules() if isinstance(m, nn.BatchNorm2d))
     plain = resnet50(3, width_mult=1 / 16, task_stats=False, fused=False)
-    assert type(plain.layer1[0].bn3) is nn.BatchNorm2d  # the same state_dict as before task_stats
+    bn3 = plain.layer1[0].bn3  # nn.BatchNorm2d itself, with the same state_dict (and syncable on CPU)
+    assert type(bn3) is TaskBatchNorm2d and not bn3.task_stats
+    assert set(bn3.state_dict()) == set(nn.BatchNorm2d(4).state_dict())
     assert set(plain.state_dict()) == {k for k in resnet.state_dict() if not k.rsplit(".", 1)[-1].startswith("task_")}
 
 
@@ -402,8 +404,8 @@ def test_task_batch_norm_rows_and_eval_equal_a_batchnorm_per_task():
     x = torch.randn(4, 5, 3, 3, generator=g)
     torch.testing.assert_close(layer(x, task=torch.tensor([1, 0, 0, 1])),
                                torch.stack([per_task[t](x[i:i + 1])[0] for i, t in enumerate([1, 0, 0, 1])]))
-    with pytest.raises(TypeError, match="cannot synchronise TaskBatchNorm2d"):
-        tr.convert_sync_batchnorm(nn.Sequential(layer))
+    synced = tr.convert_sync_batchnorm(nn.Sequential(layer))[0]  # the same buffers, synced on CPU and CUDA
+    assert type(synced) is tr.nn.SyncTaskBatchNorm2d and synced.task_running_mean is layer.task_running_mean
 
 
 # ----------------------------------------------------------------------------- --bn-eval modes

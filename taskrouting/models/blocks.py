@@ -102,11 +102,10 @@ class Routing:
                                 backend=self.backend, task_stats=self.task_stats)
 
     def batch_norm(self, num_channels: int) -> nn.Module:
-        """An unrouted BatchNorm2d (a ResNet's ``bn3`` and shortcut): with ``task_stats``, a
-        ``TaskBatchNorm2d`` (its input differs by task too), else ``nn.BatchNorm2d``."""
-        if self.task_stats:
-            return TaskBatchNorm2d(num_channels, num_tasks=self.num_tasks)
-        return nn.BatchNorm2d(num_channels)
+        """An unrouted BatchNorm2d (a ResNet's ``bn3`` and shortcut): a ``TaskBatchNorm2d``, with per-task
+        statistics if ``task_stats`` (its input differs by task too), else ``nn.BatchNorm2d`` itself (and
+        synchronised on CPU too by ``convert_sync_batchnorm``)."""
+        return TaskBatchNorm2d(num_channels, num_tasks=self.num_tasks, task_stats=self.task_stats)
 
     def router(self, num_channels: int) -> TaskRouter:
         return TaskRouter(num_channels, masks=self.masks(num_channels), sharing_ratio=self.sharing_ratio)

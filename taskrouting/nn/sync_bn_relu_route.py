@@ -28,7 +28,8 @@ from ..ops.schemas import stats_dtype
 from ..ops.stages import stage_ops
 from .bn_relu_route import BNAddReLURoute2d, BNReLURoute1d, BNReLURoute2d, BNReLURoute3d, _BNReLURoute
 
-__all__ = ["SyncBNReLURoute1d", "SyncBNReLURoute2d", "SyncBNReLURoute3d", "SyncBNAddReLURoute2d", "world_size"]
+__all__ = ["SyncBNReLURoute1d", "SyncBNReLURoute2d", "SyncBNReLURoute3d", "SyncBNAddReLURoute2d", "world_size",
+           "all_reduce_stats", "refuse_per_sample_tasks"]
 
 
 def world_size(process_group=None) -> int:
@@ -36,6 +37,28 @@ def world_size(process_group=None) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(process_group)
+
+
+def all_reduce_stats(mean, var, count, group, *more: torch.Tensor):
+    """Every process's per-channel ``mean``, biased ``var`` and ``count`` merged over ``group`` in one
+    all-reduce of float64 sums (``count·mean``, ``count·(var + mean²)``; float64, so the merged variance
+    loses nothing to cancellation), with ``more`` [C] tensors summed alongside: the global mean, variance,
+    count (float64) and the sum of ``more`` (empty without)."""
+    channels, m, c = mean.numel(), mean.double(), count.double()
+    packed = torch.cat([c * m, c * (var.double() + m.square()), c, *(t.double() for t in more)])
+    dist.all_reduce(packed, group=group)
+    sums, squares, total = packed[:channels], packed[channels:2 * channels], packed[2 * channels:3 * channels]
+    safe = total.clamp_min(1)
+    global_mean = sums / safe
+    return global_mean, (squares / safe - global_mean.square()).clamp_min(0), total, packed[3 * channels:]
+
+
+def refuse_per_sample_tasks(task) -> None:
+    """Per-task statistics of per-sample tasks are not synchronised: each process would hold other task
+    groups, and the collectives of the groups would not pair up."""
+    if isinstance(task, torch.Tensor) and task.dim() == 1:
+        raise ValueError("task_stats=True with per-sample tasks is not synchronised across processes: train "
+                         "with one task per batch (an int task), or use task_stats=False")
 
 
 def _local_used(route: torch.Tensor) -> torch.Tensor:
@@ -56,19 +79,12 @@ class _SyncedBNReLURoute(torch.autograd.Function):
             mean = var = count = x.new_zeros(channels, dtype=dtype)
         else:
             mean, var, count = stages.channel_stats(x, route, routed, not routed)
-        m, c = mean.double(), count.double()
-        parts = [c * m, c * (var.double() + m.square()), c]
-        if not routed:  # which channels some process routes: they need grad_x on every process
-            parts.append(used.double())
-        packed = torch.cat(parts)
-        dist.all_reduce(packed, group=group)
-        total, sums, squares = packed[2 * channels:3 * channels], packed[:channels], packed[channels:2 * channels]
-        safe = total.clamp_min(1)
-        global_mean = sums / safe
-        global_var = (squares / safe - global_mean.square()).clamp_min(0)
+        # which channels some process routes: they need grad_x on every process
+        global_mean, global_var, total, routes = all_reduce_stats(mean, var, count, group,
+                                                                  *([] if routed else [used]))
         extra = None
         if not routed:
-            extra = (packed[3 * channels:] > 0) & ~used
+            extra = (routes > 0) & ~used
             values, widened = torch.stack([total.max(), extra.any().double()]).tolist()
             if values <= 1:
                 raise ValueError(f"Expected more than 1 value per channel when training, got {values:.0f} "
@@ -93,6 +109,7 @@ class _SyncedBNReLURoute(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x, weight, bias, route, mean, invstd, count, extra, y = ctx.saved_tensors
         stages = ctx.stages
@@ -151,10 +168,8 @@ class _SyncBNReLURoute(_BNReLURoute):
                                         also_update, residual)
 
     def _forward_task_stats(self, x, residual, task):
-        if self._synced() and isinstance(task, torch.Tensor) and task.dim() == 1:
-            # Each process would hold other task groups, and the collectives of the groups would not pair up.
-            raise ValueError("task_stats=True with per-sample tasks is not synchronised across processes: train "
-                             "with one task per batch (an int task), or use task_stats=False")
+        if self._synced():
+            refuse_per_sample_tasks(task)
         return super()._forward_task_stats(x, residual, task)
 
 

@@ -28,14 +28,20 @@ class TaskBatchNorm2d(CheckedStateLoad, TaskStats, nn.BatchNorm2d, TaskCondition
         self._init_task_stats(task_stats)
 
     def forward(self, x: torch.Tensor, task=None) -> torch.Tensor:
-        # Checked first so that a bad input or task fails before the running stats are updated.
+        task = self._checked(x, task)
+        if not self.task_stats:
+            return super().forward(x)
+        return self._task_batch_norm(x, task)
+
+    def _checked(self, x: torch.Tensor, task):
+        """The input checked and, with ``task_stats``, the task (``active_task`` when None): before any
+        update, so that a bad input or task changes no running statistics."""
         self._check_input_dim(x)
         if x.shape[1] != self.num_features:
             raise ValueError(f"x has {x.shape[1]} channels (dim 1) but the layer has {self.num_features}")
-        task = self.active_task if task is None else task
         if not self.task_stats:
-            return super().forward(x)
-        return self._task_batch_norm(x, check_task_ids(task, self.num_tasks, x.shape[0], x.device))
+            return None
+        return check_task_ids(self.active_task if task is None else task, self.num_tasks, x.shape[0], x.device)
 
     def _task_batch_norm(self, x: torch.Tensor, task) -> torch.Tensor:
         if isinstance(task, torch.Tensor) and task.dim() == 0:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import inspect
 import os
 
 import torch
@@ -81,7 +82,13 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> nn.Module:
     device = torch.device(config.device)
     return nn.parallel.DistributedDataParallel(convert_sync_batchnorm(model),
                                                device_ids=[device.index] if device.type == "cuda" else None,
-                                               broadcast_buffers=False)
+                                               **_NO_BUFFER_SYNC)
+
+
+# Buffers are not re-broadcast at each forward; the name of that option changed in torch 2.13 (the old one warns).
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
 
 
 def unwrap(model: nn.Module) -> nn.Module:
