@@ -5,6 +5,7 @@ the whole batch (the plain fused layer): outputs, grad_x, summed weight/bias gra
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ from torch import nn
 import taskrouting as tr
 from taskrouting.nn.bn_relu_route import BATCH_NORMS
 from taskrouting.nn.task_stats import TASK_BUFFERS
+from taskrouting.ops.recompute import recompute_outputs, saved_tensors_meter
 from taskrouting.training.checkpoints import read_checkpoint
 from taskrouting.training.config import TrainConfig
 from taskrouting.training.distributed import prepare_model
@@ -144,6 +146,13 @@ def _layer_worker(rank, init_file, out_dir, backends):
             grad_x.sum().backward()
         except RuntimeError as exc:
             results["double_backward", cls.__name__] = str(exc)
+    layer, conv = tr.convert_sync_batchnorm(_layer(tr.BNReLURoute2d, 4, "batch", "cpu")), nn.Conv2d(12, 3, 1)
+    x = torch.randn(5, 12, 3, 3, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    for recompute in (False, True):  # memory_efficient: the conv's saved input is the synced output's recipe
+        with saved_tensors_meter() as meter, recompute_outputs() if recompute else contextlib.nullcontext():
+            out = conv(layer(x, 1))
+        grads = torch.autograd.grad(out.square().sum(), [x, layer.weight, conv.weight])
+        results["recompute", recompute] = (grads, meter.recomputed_bytes)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -212,6 +221,14 @@ def test_double_backward_through_synced_layers_raises(layer_results):
     for rank in layer_results[1]:
         for cls in ("BNReLURoute2d", "TaskBatchNorm2d"):
             assert "once_differentiable" in rank.get(("double_backward", cls), ""), cls
+
+
+def test_synced_outputs_are_recomputed_in_memory_efficient_mode_with_the_same_gradients(layer_results):
+    for rank in layer_results[1]:
+        (kept, none), (rebuilt, recomputed) = rank["recompute", False], rank["recompute", True]
+        assert none == 0 and recomputed == 5 * 12 * 3 * 3 * 4  # the layer's float32 output
+        for a, b in zip(kept, rebuilt):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
 def test_one_process_sync_layer_is_the_fused_layer():

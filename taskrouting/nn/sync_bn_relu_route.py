@@ -9,7 +9,8 @@ output and of ``grad_x``, and its share of the weight and bias gradients (DDP su
 same running statistics. With ``task_stats=True`` the task's row is updated from the same merged
 statistics (one task per batch; per-sample tasks are refused, since each process would hold other
 task groups). In eval mode, with one process, or outside ``torch.distributed``, it is the plain
-fused layer.
+fused layer. Within ``recompute_outputs`` (``memory_efficient``) its output is noted for recompute as
+the fused layer's is.
 
 ``SyncBNAddReLURoute2d`` (a ResNet block's fused tail) runs the same stages: its forward normalises
 with the merged statistics through ``bn_add_relu_route`` in eval form (the residual added before the
@@ -23,6 +24,7 @@ import torch.distributed as dist
 
 from .. import ops
 from ..ops.bn_relu_route import update_running_stats_of
+from ..ops.recompute import note_output
 from ..ops.reference import route_view
 from ..ops.schemas import stats_dtype
 from ..ops.stages import stage_ops
@@ -106,11 +108,12 @@ class _SyncedBNReLURoute(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, route, mean, invstd, count, extra,
                               y if residual is not None else None)
         ctx.stages, ctx.routed, ctx.group = stages, routed, group
-        return y
+        ctx.mark_non_differentiable(mean, invstd)
+        return y, mean, invstd  # the statistics for the recipe of memory_efficient (``note_output``)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, _grad_mean, _grad_invstd):
         x, weight, bias, route, mean, invstd, count, extra, y = ctx.saved_tensors
         stages = ctx.stages
         shift, grad_residual = bias, None
@@ -163,9 +166,14 @@ class _SyncBNReLURoute(_BNReLURoute):
         if not (training and self._synced()):
             return super()._op_on(x, residual, route, weight, bias, running_mean, running_var, training, momentum,
                                   eps, stats, backend, also_update=also_update)
-        return _SyncedBNReLURoute.apply(x, weight, bias, route, ops.resolve_backend(backend, x), stats == "routed",
-                                        float(eps), self.process_group, running_mean, running_var, float(momentum),
-                                        also_update, residual)
+        name = ops.resolve_backend(backend, x)
+        y, mean, invstd = _SyncedBNReLURoute.apply(x, weight, bias, route, name, stats == "routed", float(eps),
+                                                   self.process_group, running_mean, running_var, float(momentum),
+                                                   also_update, residual)
+        family = ops.BACKENDS[name].family
+        if residual is None and family is not None:  # as the unsynced op: the reference keeps its outputs
+            note_output(y, family, x, route, mean, invstd, weight, bias)
+        return y
 
     def _forward_task_stats(self, x, residual, task):
         if self._synced():
