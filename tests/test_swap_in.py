@@ -299,6 +299,73 @@ def test_per_sample_tasks_normalise_each_task_group_on_its_own(backend):
         torch.testing.assert_close(out[idx], layer(x[idx], task=t))
 
 
+def _eval_layers():
+    """Every layer with per-task rows, in eval with trained-looking rows, parameters and a forward taking
+    ``(x, residual, task)``."""
+    torch.manual_seed(0)
+    fused, tail = _layer("cpu" if "cpu" in BACKENDS else "reference"), tr.BNAddReLURoute2d(
+        6, num_tasks=3, sharing_ratio=0.5, seed=0, task_stats=True)
+    unrouted = tr.nn.TaskBatchNorm2d(6, num_tasks=3)
+    unfused = ReferenceBNReLURoute2d(6, masks=fused.masks, sharing_ratio=0.5, task_stats=True)
+    for layer in (fused, tail, unrouted, unfused):
+        with torch.no_grad():
+            layer.task_running_mean.uniform_(-1, 1), layer.task_running_var.uniform_(0.5, 2)
+            layer.weight.uniform_(-1.5, 1.5), layer.bias.uniform_(-0.5, 0.5)
+        layer.eval()
+    plain = (lambda layer: lambda x, r, t: layer(x, task=t))
+    return {"fused": plain(fused), "tail": lambda x, r, t: tail(x, r, task=t), "unrouted": plain(unrouted),
+            "unfused": plain(unfused)}, {"fused": fused, "tail": tail, "unrouted": unrouted, "unfused": unfused}
+
+
+@pytest.mark.parametrize("name", ["fused", "tail", "unrouted", "unfused"])
+@pytest.mark.parametrize("dtype, channels_last", [(torch.float64, False), (torch.float32, True),
+                                                   (torch.bfloat16, False)])
+def test_per_sample_eval_is_each_sample_with_its_own_task_in_one_pass(name, dtype, channels_last):
+    """Eval with a task per sample: one broadcast pass (no task groups) that equals each sample run alone with
+    its task, in output and every gradient; NaN in a sample's masked channels enters nothing."""
+    forwards, layers = _eval_layers()
+    forward, layer = forwards[name], layers[name]
+    if dtype == torch.float64:
+        layer.double()
+    task = torch.tensor([2, 0, 2, 1, 0, 1, 1])
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 6, 3, 4, generator=g, dtype=torch.float64).to(dtype)
+    r = torch.randn(7, 6, 3, 4, generator=g, dtype=torch.float64).to(dtype)
+    if name in ("fused", "tail"):  # NaN where the sample's task masks the channel (the unfused layers are
+        # BatchNorm2d's own composition: NaN * 0 reaches grad_weight there as in PyTorch)
+        x = torch.where(layer.masks[task].view(7, 6, 1, 1), x, float("nan"))
+    if channels_last:
+        x, r = x.to(memory_format=torch.channels_last), r.to(memory_format=torch.channels_last)
+    params = [layer.weight, layer.bias]
+
+    def run(xs, rs, t):
+        xs, rs = xs.detach().requires_grad_(), rs.detach().requires_grad_()
+        y = forward(xs, rs, t)
+        grads = torch.autograd.grad(y.float().square().sum(), [xs, *params] + ([rs] if name == "tail" else []))
+        return y, grads
+
+    y, grads = run(x, r, task)
+    alone = [run(x[i:i + 1], r[i:i + 1], int(t)) for i, t in enumerate(task)]
+    tol = {} if dtype != torch.bfloat16 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y, torch.cat([a[0] for a in alone]), **tol)
+    assert not y.isnan().any()
+    torch.testing.assert_close(grads[0], torch.cat([a[1][0] for a in alone]), **tol)
+    for k in range(1, len(grads)):
+        want = torch.cat([a[1][k] for a in alone]) if k == 3 else sum(a[1][k] for a in alone)
+        torch.testing.assert_close(grads[k], want, **tol)
+        assert grads[k].isfinite().all()
+
+
+def test_per_sample_eval_of_a_task_stats_model_compiles_fullgraph():
+    model = build("vgg11_bn").eval()  # task_stats by default
+    x, task = image(4), torch.tensor([0, 2, 1, 0])
+    with torch.no_grad():
+        want = model(x, task=task)
+        torch._dynamo.reset()
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(x, task=task)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_per_sample_task_with_a_lonely_single_value_is_refused_before_any_update():
     layer = _layer("reference")
     before = copy.deepcopy(layer.state_dict())

@@ -29,7 +29,8 @@ class _BNReLURoute(CheckedStateLoad, TaskStats, nn.modules.batchnorm._NormBase, 
     ``task_stats=True`` also keeps per-task running statistics (``nn/task_stats.py``): training
     normalises each task's samples with their own batch statistics and updates that task's row
     (and the shared ones, as ``nn.BatchNorm``); eval normalises each sample with its task's row.
-    Per-sample tasks run one op call per task group (correct, not one pass)."""
+    Per-sample tasks: in training one op call per task group (correct, not one pass); in eval one
+    broadcast pass in PyTorch ops with each sample's task row (``TaskStats._per_sample_eval``)."""
 
     _ranks: tuple[int, ...] = ()
 
@@ -104,10 +105,11 @@ class _BNReLURoute(CheckedStateLoad, TaskStats, nn.modules.batchnorm._NormBase, 
             task = int(task)
         if isinstance(task, int):
             return self._one_task(x, residual, task, self._average_factor() if self.training else 0.0)
-        if self.training:
-            self._check_group_sizes(x, task)
-            mean, var, count = channel_stats(x.detach(), self.masks[task] if self.stats == "routed" else None)
-            update_running_stats(self.running_mean, self.running_var, mean, var, count, self._average_factor())
+        if not self.training:
+            return self._per_sample_eval(x, task, self.masks[task], residual)
+        self._check_group_sizes(x, task)
+        mean, var, count = channel_stats(x.detach(), self.masks[task] if self.stats == "routed" else None)
+        update_running_stats(self.running_mean, self.running_var, mean, var, count, self._average_factor())
         if residual is None:
             return self._grouped(x, task, lambda part, t: self._one_task(part, None, t, None))
         return self._grouped(x, task, lambda part, t, r: self._one_task(part, r, t, None), residual)

@@ -47,8 +47,7 @@ class TaskBatchNorm2d(CheckedStateLoad, TaskStats, nn.BatchNorm2d, TaskCondition
         if isinstance(task, torch.Tensor) and task.dim() == 0:
             task = int(task)
         if not self.training:
-            return self._eval_one_task(x, task) if isinstance(task, int) else self._grouped(x, task,
-                                                                                            self._eval_one_task)
+            return self._eval_one_task(x, task) if isinstance(task, int) else self._per_sample_eval(x, task)
         if isinstance(task, int):
             F._verify_batch_size(x.size())  # before any update: a rejected batch changes no state
             self._update_task_row(task, *self._batch_stats(x))

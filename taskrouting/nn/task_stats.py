@@ -79,6 +79,27 @@ class TaskStats:
         """``task``'s running mean and variance: contiguous row views, updated in place."""
         return self.task_running_mean[task], self.task_running_var[task]
 
+    def _per_sample_eval(self, x: torch.Tensor, task: torch.Tensor, route: torch.Tensor | None = None,
+                         residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Eval with a task per sample in one broadcast pass, each sample normalised with its task's row
+        (no grouping, no host read: traceable). With ``route`` ([N, C] bool) the fused layer's
+        ``relu(· + residual) * route``; masked values are selected away before they enter anything."""
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        per_sample, per_channel = x.shape[:2] + (1,) * (x.dim() - 2), (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        mean = self.task_running_mean[task].to(dtype).reshape(per_sample)
+        scale = torch.rsqrt(self.task_running_var[task].to(dtype) + self.eps).reshape(per_sample)
+        if self.weight is not None:
+            scale = scale * self.weight.to(dtype).reshape(per_channel)
+        keep = None if route is None else route.reshape(per_sample)
+        y = ((x.to(dtype) if keep is None else torch.where(keep, x.to(dtype), mean)) - mean) * scale
+        if self.bias is not None:
+            y = y + self.bias.to(dtype).reshape(per_channel)
+        if keep is None:
+            return y.to(x.dtype)
+        if residual is not None:
+            y = y + torch.where(keep, residual.to(dtype), 0)
+        return torch.where(keep, y.relu(), 0).to(x.dtype)
+
     @staticmethod
     def _per_task_groups(task: torch.Tensor):
         """Per-sample tasks as groups: the sample order that sorts them by task, and each present
