@@ -4,6 +4,14 @@
 // planes are still in cache). bn_add_relu_route's backward is the same with the gate read from the
 // forward's output y (g = dy * route * (y > 0); kOnY, a template parameter, so that bn_relu_route's
 // loops are unchanged) and g itself written as grad_residual.
+//
+// bn_add_relu_route in the rows layout (E = the bytes of one tensor like x): the sums pass reads x,
+// grad_y and y and, when grad_residual is asked for, writes g as grad_residual (4E); grad_x then
+// reads x and that g back (Gate::kGiven: g is not recomputed) and writes grad_x (3E): 7E, where
+// recomputing g (read x, grad_y, y; write grad_x, grad_residual) would make 3E + 5E. Without grad_x,
+// grad_residual comes with the sums (4E, not sums then a gate pass over grad_y and y: 6E); rows_gate
+// (read grad_y, y; write grad_residual) is left for a backward without the sums (eval, no weight
+// gradients), and the apply recomputes g from y when there are no sums or no grad_residual.
 #include "kernels.h"
 
 namespace taskrouting {
@@ -165,23 +173,39 @@ void plane_gate(GradChannels<in_t> in, Channel<out_t> dr, Route rc, bool used, c
 }
 
 // ---------------------------------------------------------------------------- rows layout
-// Along one row of C channels: g = dy where routed and the ReLU was open (relu_open).
-template <bool kOnY, typename acc_t>
+// Where a rows-layout kernel gets g from: recomputed from x (kPre: x * scale + shift > 0,
+// bn_relu_route) or from the forward's output y (kOnY: y > 0, bn_add_relu_route), or given (kGiven:
+// g itself, as rows_grad_sums wrote it into grad_residual; bn_add_relu_route's apply after the sums).
+enum class Gate { kPre, kOnY, kGiven };
+template <bool kOnY>
+inline constexpr Gate kRecomputed = kOnY ? Gate::kOnY : Gate::kPre;
+
+// Along one row of C channels: g = dy where routed and the ReLU was open (relu_open). kGiven: the
+// row passed as dy is g itself (0 where not routed or closed: selected there, so no NaN), loaded as is.
+template <Gate kGate, typename acc_t>
 struct RowGrad {
   const acc_t *scale, *shift;
-  // Also returns x and the lanes where g may be nonzero (select with it: 0 * NaN is NaN).
+  // Also returns x and the lanes where g may be nonzero (select with it: 0 * NaN is NaN); kGiven:
+  // the routed lanes.
   Vec<acc_t> operator()(const acc_t* x, const acc_t* dy, const acc_t* y, const acc_t* on, int64_t c, Vec<acc_t>& xv,
                         Vec<acc_t>& live) const {
     constexpr int64_t W = Vec<acc_t>::size();
     const Vec<acc_t> zero(acc_t(0));
     xv = Vec<acc_t>::loadu(x + c);
-    const Vec<acc_t> open = relu_open<kOnY>(xv, y, c, W, Vec<acc_t>::loadu(scale + c), Vec<acc_t>::loadu(shift + c));
-    live = open & (Vec<acc_t>::loadu(on + c) > zero);
-    return Vec<acc_t>::blendv(zero, Vec<acc_t>::loadu(dy + c), live);
+    if constexpr (kGate == Gate::kGiven) {
+      live = Vec<acc_t>::loadu(on + c) > zero;
+      return Vec<acc_t>::loadu(dy + c);
+    } else {
+      const Vec<acc_t> open =
+          relu_open<kGate == Gate::kOnY>(xv, y, c, W, Vec<acc_t>::loadu(scale + c), Vec<acc_t>::loadu(shift + c));
+      live = open & (Vec<acc_t>::loadu(on + c) > zero);
+      return Vec<acc_t>::blendv(zero, Vec<acc_t>::loadu(dy + c), live);
+    }
   }
   acc_t scalar(const acc_t* x, const acc_t* dy, const acc_t* y, const acc_t* on, int64_t c) const {
+    if constexpr (kGate == Gate::kGiven) return dy[c];
     if (!(on[c] > 0)) return acc_t(0);
-    if constexpr (kOnY) return gate_on_output(dy[c], y[c]);
+    if constexpr (kGate == Gate::kOnY) return gate_on_output(dy[c], y[c]);
     return x[c] * scale[c] + shift[c] > acc_t(0) ? dy[c] : acc_t(0);
   }
 };
@@ -193,18 +217,24 @@ const acc_t* y_row(const scalar_t* y, int64_t m, int64_t C, acc_t* buf) {
   return nullptr;
 }
 
+// Per-channel sum(g) and sum(g * (x - mean)); dr (kOnY, when given): g written as grad_residual in
+// the same pass (each work unit owns its rows, so the stores do not race), for the apply to read
+// back (Gate::kGiven) or to be the only grad_residual pass.
 template <bool kOnY, typename scalar_t, typename acc_t>
-void rows_grad_sums(const scalar_t* x, const scalar_t* dy, const scalar_t* y, Shape sh, Route r, const acc_t* scale,
-                    const acc_t* shift, const acc_t* mean, acc_t* sum_dy, acc_t* sum_dy_xmu) {
+void rows_grad_sums(const scalar_t* x, const scalar_t* dy, const scalar_t* y, scalar_t* dr, Shape sh, Route r,
+                    const acc_t* scale, const acc_t* shift, const acc_t* mean, acc_t* sum_dy, acc_t* sum_dy_xmu,
+                    bool stream) {
   constexpr int64_t W = Vec<acc_t>::size();
   const int64_t C = sh.c;
   const std::vector<acc_t> through = route_values<acc_t>(r, sh.n, C);
-  const RowGrad<kOnY, acc_t> grad{scale, shift};
+  const RowGrad<kRecomputed<kOnY>, acc_t> grad{scale, shift};
   std::vector<std::vector<double>> partial(at::get_num_threads(), std::vector<double>(2 * C, 0.0));
   const RowBlocks rb(sh);
   at::parallel_for(0, sh.n * rb.blocks_per_sample, grain_for(rb.rows_per_block * C), [&](int64_t begin, int64_t end) {
     std::vector<double>& p = partial[at::get_thread_num()];
-    std::vector<acc_t> buf(C), dbuf(C), ybuf(kOnY ? C : 0), sg(C), sgx(C);
+    Scratch<scalar_t> scratch(C);
+    const Writer<scalar_t> g_writer{stream, scratch};
+    std::vector<acc_t> sg(C), sgx(C);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t n = u / rb.blocks_per_sample;
       const int64_t row0 = (u % rb.blocks_per_sample) * rb.rows_per_block;
@@ -214,9 +244,10 @@ void rows_grad_sums(const scalar_t* x, const scalar_t* dy, const scalar_t* y, Sh
       std::fill(sgx.begin(), sgx.end(), acc_t(0));
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t m = n * sh.s + row0 + i;
-        const acc_t* xr = load_block(x + m * C, C, buf.data());
-        const acc_t* dyr = load_block(dy + m * C, C, dbuf.data());
-        const acc_t* yr = y_row<kOnY>(y, m, C, ybuf.data());
+        const acc_t* xr = load_block(x + m * C, C, scratch.a.data());
+        const acc_t* dyr = load_block(dy + m * C, C, scratch.b.data());
+        const acc_t* yr = y_row<kOnY>(y, m, C, scratch.c.data());
+        acc_t* g_out = kOnY && dr != nullptr ? g_writer.block(dr + m * C) : nullptr;
         int64_t c = 0;
         for (; c + W <= C; c += W) {
           Vec<acc_t> xv, live;
@@ -224,15 +255,23 @@ void rows_grad_sums(const scalar_t* x, const scalar_t* dy, const scalar_t* y, Sh
           const Vec<acc_t> gx = Vec<acc_t>::blendv(Vec<acc_t>(acc_t(0)), g * (xv - Vec<acc_t>::loadu(mean + c)), live);
           (Vec<acc_t>::loadu(sg.data() + c) + g).store(sg.data() + c);
           (Vec<acc_t>::loadu(sgx.data() + c) + gx).store(sgx.data() + c);
+          if constexpr (kOnY) {
+            if (g_out != nullptr) g.store(g_out + c);
+          }
         }
         for (; c < C; ++c) {
           const acc_t g = grad.scalar(xr, dyr, yr, on, c);
           sg[c] += g;
           if (g != acc_t(0)) sgx[c] += g * (xr[c] - mean[c]);
+          if constexpr (kOnY) {
+            if (g_out != nullptr) g_out[c] = g;
+          }
         }
+        if (g_out != nullptr) g_writer.store(dr + m * C, C);
       }
       for (int64_t c = 0; c < C; ++c) p[c] += sg[c], p[C + c] += sgx[c];
     }
+    if (stream && kOnY && dr != nullptr) stream_fence();
   });
   for (int64_t c = 0; c < C; ++c) {
     double a = 0, b = 0;
@@ -243,18 +282,21 @@ void rows_grad_sums(const scalar_t* x, const scalar_t* dy, const scalar_t* y, Sh
 }
 
 // zero_unrouted: routed statistics or eval, where a sample not routed through c gets no gradient.
-// dr (kOnY, when given): grad_residual = g, written in the same pass.
-template <bool kOnY, typename scalar_t, typename acc_t>
+// dr (kOnY, when given): grad_residual = g, written in the same pass. kGiven: g is read from dr (as
+// rows_grad_sums wrote it), dy and y are not read, and dr is not rewritten.
+template <Gate kGate, typename scalar_t, typename acc_t>
 void rows_grad_apply(const scalar_t* x, const scalar_t* dy, const scalar_t* y, scalar_t* dx, scalar_t* dr, Shape sh,
                      Route r, const std::vector<char>& used, bool zero_unrouted, const acc_t* scale, const acc_t* shift,
                      const std::vector<GradCoef<acc_t>>& k, bool stream) {
   constexpr int64_t W = Vec<acc_t>::size();
+  constexpr bool kWritesDr = kGate == Gate::kOnY;
+  const scalar_t* g_in = kGate == Gate::kGiven ? dr : dy;  // the row that RowGrad reads as dy
   const int64_t C = sh.c;
   const std::vector<acc_t> through = route_values<acc_t>(r, sh.n, C);
   std::vector<acc_t> kd(C), kx(C), kb(C), live(C);
   for (int64_t c = 0; c < C; ++c)
     kd[c] = k[c].dy_coef, kx[c] = k[c].x_coef, kb[c] = k[c].bias_coef, live[c] = used[c] ? acc_t(1) : acc_t(0);
-  const RowGrad<kOnY, acc_t> grad{scale, shift};
+  const RowGrad<kGate, acc_t> grad{scale, shift};
   at::parallel_for(0, sh.n * sh.s, grain_for(C), [&](int64_t begin, int64_t end) {
     Scratch<scalar_t> scratch(C);
     const Writer<scalar_t> out{stream, scratch}, dr_out = out.second();
@@ -263,10 +305,10 @@ void rows_grad_apply(const scalar_t* x, const scalar_t* dy, const scalar_t* y, s
       const acc_t* on = through.data() + (r.per_sample ? (m / sh.s) * C : 0);
       const acc_t* keep = zero_unrouted ? on : live.data();
       const acc_t* xr = load_block(x + m * C, C, scratch.a.data());
-      const acc_t* dyr = load_block(dy + m * C, C, scratch.b.data());
-      const acc_t* yr = y_row<kOnY>(y, m, C, scratch.c.data());
+      const acc_t* dyr = load_block(g_in + m * C, C, scratch.b.data());
+      const acc_t* yr = y_row<kGate == Gate::kOnY>(y, m, C, scratch.c.data());
       acc_t* o = out.block(dx + m * C);
-      acc_t* g_out = kOnY && dr != nullptr ? dr_out.block(dr + m * C) : nullptr;
+      acc_t* g_out = kWritesDr && dr != nullptr ? dr_out.block(dr + m * C) : nullptr;
       int64_t c = 0;
       for (; c + W <= C; c += W) {
         Vec<acc_t> xv, live_g;
@@ -276,7 +318,7 @@ void rows_grad_apply(const scalar_t* x, const scalar_t* dy, const scalar_t* y, s
                            at::vec::fmadd(xv, Vec<acc_t>::loadu(kx.data() + c), Vec<acc_t>::loadu(kb.data() + c)));
         const Vec<acc_t> mask = (Vec<acc_t>::loadu(keep + c) > zero) & (Vec<acc_t>::loadu(live.data() + c) > zero);
         Vec<acc_t>::blendv(zero, v, mask).store(o + c);
-        if constexpr (kOnY) {
+        if constexpr (kWritesDr) {
           if (g_out != nullptr) g.store(g_out + c);
         }
       }
@@ -284,7 +326,7 @@ void rows_grad_apply(const scalar_t* x, const scalar_t* dy, const scalar_t* y, s
         const acc_t g = grad.scalar(xr, dyr, yr, on, c);
         const acc_t v = g * kd[c] + xr[c] * kx[c] + kb[c];
         o[c] = keep[c] > 0 && live[c] > 0 ? v : acc_t(0);
-        if constexpr (kOnY) {
+        if constexpr (kWritesDr) {
           if (g_out != nullptr) g_out[c] = g;
         }
       }
@@ -334,14 +376,15 @@ GradData<scalar_t> grad_data(const BackwardInputs& in, Tensor& dx, Tensor& dr, b
 }
 
 // Per-channel sums of g and g * (x - mean); g = dy * route * (pre-activation > 0), or (kOnY) y > 0.
+// Rows layout, kOnY, t.dr given: g is also written to t.dr (stream: with streaming stores).
 template <typename scalar_t, bool kOnY>
 void reduce_grads(const Prepared& p, GradData<scalar_t> t, const Tensor& mean, const Tensor& scale, const Tensor& shift,
-                  Tensor& sum_dy, Tensor& sum_dy_xmu) {
+                  Tensor& sum_dy, Tensor& sum_dy_xmu, bool stream = false) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t *m = mean.data_ptr<acc_t>(), *sc = scale.data_ptr<acc_t>(), *sh = shift.data_ptr<acc_t>();
   acc_t *sg = sum_dy.data_ptr<acc_t>(), *sgx = sum_dy_xmu.data_ptr<acc_t>();
   if (p.rows) {
-    rows_grad_sums<kOnY, scalar_t, acc_t>(t.x, t.dy, t.y, p.sh, p.r, sc, sh, m, sg, sgx);
+    rows_grad_sums<kOnY, scalar_t, acc_t>(t.x, t.dy, t.y, t.dr, p.sh, p.r, sc, sh, m, sg, sgx, stream);
     return;
   }
   for_each_plane<scalar_t>(p, false, [&](int64_t c, const Writer<scalar_t>& writer) {
@@ -353,16 +396,25 @@ void reduce_grads(const Prepared& p, GradData<scalar_t> t, const Tensor& mean, c
   });
 }
 
-// grad_x (t.dx) and, kOnY, grad_residual (t.dr when given), rows layout or planes.
+// grad_x (t.dx) and, kOnY, grad_residual (t.dr when given), rows layout or planes. g_given (rows,
+// kOnY): t.dr already holds g (rows_grad_sums wrote it); grad_x is computed from it.
 template <typename scalar_t, bool kOnY>
 void apply_grads(const Prepared& p, GradData<scalar_t> t, const Tensor& scale, const Tensor& shift,
                  const std::vector<GradCoef<at::opmath_type<scalar_t>>>& k, bool training, bool routed_stats,
-                 bool stream) {
+                 bool stream, bool g_given = false) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t *sc = scale.data_ptr<acc_t>(), *sh = shift.data_ptr<acc_t>();
   if (p.rows) {
-    rows_grad_apply<kOnY, scalar_t, acc_t>(t.x, t.dy, t.y, t.dx, t.dr, p.sh, p.r, p.used, routed_stats || !training, sc,
-                                           sh, k, stream);
+    const bool zero_unrouted = routed_stats || !training;
+    if constexpr (kOnY) {
+      if (g_given) {
+        rows_grad_apply<Gate::kGiven, scalar_t, acc_t>(t.x, t.dy, t.y, t.dx, t.dr, p.sh, p.r, p.used, zero_unrouted,
+                                                       sc, sh, k, stream);
+        return;
+      }
+    }
+    rows_grad_apply<kRecomputed<kOnY>, scalar_t, acc_t>(t.x, t.dy, t.y, t.dx, t.dr, p.sh, p.r, p.used, zero_unrouted,
+                                                        sc, sh, k, stream);
     return;
   }
   for_each_plane<scalar_t>(p, stream, [&](int64_t c, const Writer<scalar_t>& writer) {
@@ -431,12 +483,16 @@ void fused_backward(const BackwardInputs& in, const Tensor& count, bool training
     backward_planes<scalar_t, kOnY>(in, t, count, training, routed_stats, want, stream, sum_dy, sum_dy_xmu);
     return;
   }
-  if (want.sums) reduce_grads<scalar_t, kOnY>(in.p, t, in.mean, in.scale, in.shift, sum_dy, sum_dy_xmu);
+  // Rows layout: the sums pass writes grad_residual (g) when it is asked for (kOnY), and grad_x is then
+  // computed from that g; without the sums, grad_x recomputes g (writing grad_residual), or rows_gate
+  // writes grad_residual alone.
+  const bool g_written = kOnY && want.sums && want.dr;
+  if (want.sums) reduce_grads<scalar_t, kOnY>(in.p, t, in.mean, in.scale, in.shift, sum_dy, sum_dy_xmu, stream);
   if (want.dx) {
     apply_grads<scalar_t, kOnY>(in.p, t, in.scale, in.shift, grad_coefs<acc_t>(in, sum_dy, sum_dy_xmu, count, training),
-                                training, routed_stats, stream);
+                                training, routed_stats, stream, g_written);
   } else if constexpr (kOnY) {
-    if (want.dr) rows_gate<scalar_t, acc_t>(t.dy, t.y, t.dr, in.p.sh, in.p.r, stream);
+    if (want.dr && !g_written) rows_gate<scalar_t, acc_t>(t.dy, t.y, t.dr, in.p.sh, in.p.r, stream);
   }
 }
 
