@@ -246,6 +246,26 @@ def test_heads_per_sample_match_a_loop_over_samples(task, path):
     torch.testing.assert_close(heads(x, task=4), heads_by_loop(heads, x, torch.full((7,), 4)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_heads_per_sample_without_autograd_loop_over_task_groups_on_views(monkeypatch, dtype):
+    """Without autograd, large heads on the CPU run task group by task group on weight views: the same
+    logits as the grouped bmm and as each sample alone, and no weight slice is copied."""
+    heads = TaskHeads(6, num_tasks=7, embedding_dim=5, dtype=dtype)
+    x, task = torch.randn(9, 6, dtype=dtype), torch.tensor([2, 0, 2, 5, 2, 0, 1, 6, 5])
+    with torch.no_grad():
+        grouped = heads(x, task=task)
+        monkeypatch.setattr(TaskHeads, "LOOP_MIN_SLICE_BYTES", 0)
+        with LargestOutput() as largest:
+            looped = heads(x, task=task)
+        with torch.inference_mode():
+            torch.testing.assert_close(heads(x, task=task), looped, rtol=0, atol=0)
+    assert largest.numel <= heads.weight1[0].numel()  # views of one slice at most, no [U, E, F] gather
+    torch.testing.assert_close(looped, grouped)
+    torch.testing.assert_close(looped, heads_by_loop(heads, x, task))
+    with torch.enable_grad():  # autograd keeps the grouped bmm (one dense weight gradient)
+        assert not heads._loops(x)
+
+
 def test_heads_compile_without_graph_breaks():
     heads, x = TaskHeads(6, num_tasks=5, embedding_dim=4), torch.randn(7, 6)
     compiled = torch.compile(heads, fullgraph=True, backend="eager")

@@ -22,10 +22,15 @@ class TaskHeads(nn.Module, TaskConditioned):
     ``bias2 [T]``), so no forward costs O(T): one task per batch (int) reads that task's slice;
     a per-sample LongTensor ``[N]`` groups the samples by task and runs the U distinct tasks of
     the batch as one padded ``bmm`` (extra memory: U weight slices and a ``[U, max group, F]``
-    copy of ``x``; under ``torch.compile``, N weight slices, one per sample). The backward, as
-    for any stacked parameter, writes a dense ``[T, ...]`` gradient (zero for absent tasks).
-    Initialised like ``nn.Linear``.
+    copy of ``x``; under ``torch.compile``, N weight slices, one per sample). Without autograd on
+    the CPU, large heads run one group at a time on views of the weights instead: copying U slices
+    costs more there than U small matmuls. The backward, as for any stacked parameter, writes a
+    dense ``[T, ...]`` gradient (zero for absent tasks). Initialised like ``nn.Linear``.
     """
+
+    #: Without autograd on the CPU, per-sample tasks loop over the task groups (weight views, no
+    #: copy) when one task's first layer has at least this many bytes.
+    LOOP_MIN_SLICE_BYTES = 256 * 1024
 
     def __init__(self, in_features: int, num_tasks: int, embedding_dim: int = 256, device=None, dtype=None):
         super().__init__()
@@ -65,7 +70,25 @@ class TaskHeads(nn.Module, TaskConditioned):
             return hidden @ self.weight2[task] + self.bias2[task]
         if torch.compiler.is_compiling():
             return self._per_sample_gathered(x, task)
+        if self._loops(x):
+            return self._per_sample_looped(x, task)
         return self._per_sample_grouped(x, task)
+
+    def _loops(self, x: torch.Tensor) -> bool:
+        """Whether per-sample tasks run one task group at a time (see the class docstring)."""
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        return (not grad and x.device.type == "cpu"
+                and self.weight1[0].numel() * self.weight1.element_size() >= self.LOOP_MIN_SLICE_BYTES)
+
+    def _per_sample_looped(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """Each present task's samples through that task's weights, read in place (no slice copied)."""
+        order = task.argsort(stable=True)
+        tasks, counts = torch.unique_consecutive(task[order], return_counts=True)
+        out = x.new_empty(x.shape[0])
+        for t, rows in zip(tasks.tolist(), order.split(counts.tolist())):
+            hidden = F.relu(F.linear(x[rows], self.weight1[t], self.bias1[t]))
+            out[rows] = hidden @ self.weight2[t] + self.bias2[t]
+        return out
 
     def _per_sample_gathered(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """Each sample with its own copy of its task's weights (extra memory N·E·F); static
