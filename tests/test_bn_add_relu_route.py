@@ -222,15 +222,18 @@ def test_deterministic(backend, target):
 
 
 # ----------------------------------------------------------------------------- gradients
-@pytest.mark.parametrize("wants", ["x", "residual", "params", "all"])
-def test_gradients_of_any_subset_of_inputs(backend, device, wants):
-    case = make_case((3, 5, 4, 2), seed=4, device=device, residual=True)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("wants", ["x", "residual", "params", "residual+params", "all"])
+def test_gradients_of_any_subset_of_inputs(backend, device, wants, channels_last):
+    """Any subset of the inputs asks for gradients; residual+params is a tail after a frozen convolution, where
+    grad_residual comes from the pass that sums the weight gradients."""
+    case = make_case((3, 8, 4, 2), seed=4, device=device, residual=True, channels_last=channels_last)
     results = {}
     for name in ("reference", backend):
         x = case["x"].clone().requires_grad_(wants in ("x", "all"))
-        r = case["residual"].clone().requires_grad_(wants in ("residual", "all"))
-        w = case["weight"].clone().requires_grad_(wants in ("params", "all"))
-        b = case["bias"].clone().requires_grad_(wants in ("params", "all"))
+        r = case["residual"].clone().requires_grad_("residual" in wants or wants == "all")
+        w = case["weight"].clone().requires_grad_("params" in wants or wants == "all")
+        b = case["bias"].clone().requires_grad_("params" in wants or wants == "all")
         y = ops.bn_add_relu_route(x, r, case["masks"], case["task"], w, b, training=True, backend=name)
         leaves = [t for t in (x, r, w, b) if t.requires_grad]
         results[name] = torch.autograd.grad(y, leaves, case["grad"])

@@ -241,7 +241,7 @@ planes_grad_apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __restr
         // Gating on y, x enters grad_x only through the batch statistics (x_coef is 0 in eval).
         const bool read_x = reach && (G == Gate::kPreActivation || training) && su < S;
         xv[u] = read_x ? load_pack<VEC>(x + base + su) : zero_pack<VEC, scalar_t>();
-        const bool read_g = through && (G != Gate::kPreActivation || reach) && su < S;
+        const bool read_g = through && (G != Gate::kPreActivation || reach) && (kDx || G == Gate::kOutput) && su < S;
         dv[u] = read_g ? load_pack<VEC>(g_src + base + su) : zero_pack<VEC, scalar_t>();
         if constexpr (G == Gate::kOutput) yv[u] = read_g ? load_pack<VEC>(y + base + su) : zero_pack<VEC, scalar_t>();
       }
@@ -329,7 +329,8 @@ rows_grad_apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __restric
       }
       const bool read_x = any_reach && (G == Gate::kPreActivation || training);  // as in the planes kernel
       xv[u] = read_x ? load_pack<VEC>(x + mu * C + c0) : zero_pack<VEC, scalar_t>();
-      dv[u] = any_on[u] ? load_pack<VEC>(g_src + mu * C + c0) : zero_pack<VEC, scalar_t>();
+      dv[u] = any_on[u] && (kDx || G == Gate::kOutput) ? load_pack<VEC>(g_src + mu * C + c0)
+                                                       : zero_pack<VEC, scalar_t>();
       if constexpr (G == Gate::kOutput)
         yv[u] = any_on[u] ? load_pack<VEC>(y + mu * C + c0) : zero_pack<VEC, scalar_t>();
     }
@@ -499,7 +500,7 @@ void launch_grad_apply(const Problem& p, const at::Tensor& dy, const at::Tensor&
                        bool training, bool routed_stats, const ResidualGrad& res) {
   if (p.numel() == 0) return;
   const bool dr = res.grad_residual.defined();
-  TORCH_INTERNAL_ASSERT(dx.defined() ? params.defined() : (res.y.defined() && dr && !res.stored_g));
+  TORCH_INTERNAL_ASSERT(dx.defined() ? params.defined() : (res.y.defined() && dr));
   TORCH_INTERNAL_ASSERT(!res.stored_g || (res.y.defined() && dr));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "taskrouting_grad_apply_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -512,8 +513,8 @@ void launch_grad_apply(const Problem& p, const at::Tensor& dy, const at::Tensor&
       };
       if (!res.y.defined())
         launch(PreActivationGate(), std::true_type(), std::false_type());
-      else if (res.stored_g)
-        launch(StoredGate(), std::true_type(), std::true_type());
+      else if (res.stored_g)  // without grad_x: only the zeros of what the reduce did not store
+        with_flag(dx.defined(), [&](auto with_dx) { launch(StoredGate(), with_dx, std::true_type()); });
       else if (!dx.defined())
         launch(OutputGate(), std::false_type(), std::true_type());
       else

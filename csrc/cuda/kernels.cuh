@@ -513,13 +513,14 @@ bool try_fused_forward(const Problem& p, const at::Tensor& y, bool routed, bool 
 enum class Gate {
   kPreActivation,  // bn_relu_route: dy where x * scale + shift > 0, recomputed from x
   kOutput,         // bn_add_relu_route: dy where its output y > 0 (the residual is not kept)
-  kStored,         // bn_add_relu_route's grad_x after a reduce that stored g in grad_residual
+  kStored,         // bn_add_relu_route after a reduce that stored g in grad_residual: grad_x from it
 };
 
 // bn_add_relu_route's backward (empty for bn_relu_route's): gate on y, and write g to
 // grad_residual (optional). With stored_g, the reduce writes g where the sample goes through the
 // channel (in whole packs of the reduce's width in the rows layout, zeros for the other channels of the pack)
-// and the apply reads it back from there instead of y and dy, and writes the rest of grad_residual.
+// and the apply reads it back from there instead of y and dy (for grad_x, when asked for), and writes the
+// rest of grad_residual.
 struct ResidualGrad {
   at::Tensor y;
   at::Tensor grad_residual;

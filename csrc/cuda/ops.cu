@@ -235,8 +235,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const BackwardInputs& in, co
   if (want_dr) res.grad_residual = dr;
   // The reduce also writes g (to grad_residual) where routed and the apply reads it back instead
   // of y and dy: one routed x-sized read less (training: 3 + 4r x-sized accesses instead of 3 + 5r,
-  // r the routed fraction).
-  res.stored_g = reduce && want_dx && want_dr;
+  // r the routed fraction); without grad_x the apply only zeroes the unrouted rest (3r + 1, not 6r).
+  res.stored_g = reduce && want_dr;
   if (reduce) {
     launch_grad_reduce(in.p, in.dy, in.mean, in.invstd, in.w, in.b, sum_dy, sum_dy_xmu, params, count, training,
                        grad_weight, res);
