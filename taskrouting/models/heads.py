@@ -9,7 +9,7 @@ from torch import nn
 
 from ..nn.router import TaskConditioned
 from ..ops.checks import check_positive_int
-from ..ops.route import check_task_ids
+from ..ops.route import check_task_ids, task_groups
 
 __all__ = ["TaskHeads"]
 
@@ -82,10 +82,9 @@ class TaskHeads(nn.Module, TaskConditioned):
 
     def _per_sample_looped(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """Each present task's samples through that task's weights, read in place (no slice copied)."""
-        order = task.argsort(stable=True)
-        tasks, counts = torch.unique_consecutive(task[order], return_counts=True)
+        order, groups = task_groups(task)
         out = x.new_empty(x.shape[0])
-        for t, rows in zip(tasks.tolist(), order.split(counts.tolist())):
+        for (t, _), rows in zip(groups, order.split([n for _, n in groups])):
             hidden = F.relu(F.linear(x[rows], self.weight1[t], self.bias1[t]))
             out[rows] = hidden @ self.weight2[t] + self.bias2[t]
         return out

@@ -25,6 +25,7 @@ import warnings
 import torch
 
 from ..ops.bn_relu_route import update_task_rows
+from ..ops.route import task_groups
 
 __all__ = ["TaskStats", "TASK_BUFFERS", "task_stats_from_shared"]
 
@@ -101,20 +102,12 @@ class TaskStats:
         return torch.where(keep, y.relu(), 0).to(x.dtype)
 
     @staticmethod
-    def _per_task_groups(task: torch.Tensor):
-        """Per-sample tasks as groups: the sample order that sorts them by task, and each present
-        task with its group size (a host sync: the group sizes decide the shapes)."""
-        order = task.argsort(stable=True)
-        tasks, counts = torch.unique_consecutive(task[order], return_counts=True)
-        return order, list(zip(tasks.tolist(), counts.tolist()))
-
-    @classmethod
-    def _grouped(cls, x: torch.Tensor, task: torch.Tensor, run, *others: torch.Tensor) -> torch.Tensor:
+    def _grouped(x: torch.Tensor, task: torch.Tensor, run, *others: torch.Tensor) -> torch.Tensor:
         """``run(x_group, t, *other_groups)`` on the samples of each present task ``t`` (``others``: more
         per-sample tensors, grouped alike), reassembled in x's order."""
         if x.shape[0] == 0:
             return x * 0
-        order, groups = cls._per_task_groups(task)
+        order, groups = task_groups(task)
         sizes = [n for _, n in groups]
         parts = zip(*(t.index_select(0, order).split(sizes) for t in (x, *others)))
         y = torch.cat([run(part, t, *rest) for (part, *rest), (t, _) in zip(parts, groups)])

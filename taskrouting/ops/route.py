@@ -6,7 +6,7 @@ import numbers
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["check_task_ids", "select_route", "task_id_bounds"]
+__all__ = ["check_task_ids", "select_route", "task_groups", "task_id_bounds"]
 
 # task tensor -> (version, min id, max id): every routed layer of a model checks the same task tensor,
 # and reading its bounds from a GPU is a host sync (and impossible during CUDA-graph capture)
@@ -75,3 +75,11 @@ def select_route(masks: torch.Tensor, task, batch_size: int, device: torch.devic
     if task.device != masks.device:
         raise ValueError(f"task is on {task.device} but masks are on {masks.device}")
     return masks.index_select(0, task)
+
+
+def task_groups(task: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Per-sample tasks as groups: the sample order that sorts them by task, and each present task with its
+    group size (a host read: the group sizes decide the shapes)."""
+    order = task.argsort(stable=True)
+    tasks, counts = torch.unique_consecutive(task[order], return_counts=True)
+    return order, list(zip(tasks.tolist(), counts.tolist()))
